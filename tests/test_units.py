@@ -1,0 +1,228 @@
+"""Unit tests of the notebook's definitions: shapes, losses, the diffusion maths, configuration."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def test_model_shapes(nb):
+    x = torch.rand(4, 1, 28, 28)
+    logits, mu, logvar = nb.VAE(latent=8)(x)
+    assert logits.shape == (4, 1, 28, 28) and mu.shape == logvar.shape == (4, 8)
+    assert nb.VAE().encoder[1].in_features == 784  # the encoder sees the flattened image
+
+    z = torch.randn(4, 100)
+    y = nb.one_hot(torch.tensor([0, 3, 7, 9]))
+    assert nb.Generator(100)(z).shape == (4, 1, 28, 28)
+    assert nb.Generator(100, 10)(z, y).shape == (4, 1, 28, 28)
+    assert nb.Discriminator()(x).shape == (4,)
+    assert nb.Discriminator(10)(x, y).shape == (4,)
+    assert nb.UNet(32)(x, torch.tensor([0, 10, 500, 999])).shape == (4, 1, 28, 28)
+    assert nb.Evaluator()(x).shape == (4, 10)
+
+
+def test_generator_range_and_export_convention(nb):
+    images = nb.Generator(100)(torch.randn(8, 100))
+    assert images.min() >= -1 and images.max() <= 1  # tanh
+    exported = nb.to_uint8(torch.tensor([[-1.0, 0.0, 1.0]]).view(1, 1, 1, 3), signed=True)
+    assert exported.dtype == np.uint8 and exported.tolist() == [[[0, 128, 255]]]  # 0 = background
+    raw = torch.tensor([[[0, 255]]], dtype=torch.uint8)
+    assert nb.to_unit(raw).tolist() == [[[[0.0, 1.0]]]] and nb.to_signed(raw).tolist() == [[[[-1.0, 1.0]]]]
+
+
+def test_vae_loss_terms(nb):
+    x = torch.rand(3, 1, 28, 28)
+    logits = torch.randn(3, 1, 28, 28)
+    zeros = torch.zeros(3, 5)
+    total, bce, kl = nb.vae_loss(logits, x, zeros, zeros)
+    assert kl.item() == pytest.approx(0.0, abs=1e-7)  # q(z|x) = N(0, I): no KL
+    expected_bce = F.binary_cross_entropy(torch.sigmoid(logits), x, reduction="sum") / 3
+    assert bce.item() == pytest.approx(expected_bce.item(), rel=1e-4)
+    mu, logvar = torch.full((1, 2), 1.0), torch.zeros(1, 2)  # KL = 0.5 * sum(mu^2) = 1
+    assert nb.vae_loss(logits[:1], x[:1], mu, logvar)[2].item() == pytest.approx(1.0)
+    assert total.item() == pytest.approx(bce.item() + kl.item())
+
+
+def test_cgan_label_smoothing(nb):
+    """The discriminator's real target is 0.9: its real-image loss is smallest at D(x) = 0.9."""
+    assert nb.Config().cgan_real_target == 0.9
+    fake = torch.full((5,), -30.0)  # D is sure these are fake: the fake term is ~0
+    logit = torch.full((5,), math.log(0.9 / 0.1), requires_grad=True)
+    loss = nb.d_loss(logit, fake, real_target=0.9)
+    loss.backward()
+    assert logit.grad.abs().max() < 1e-6  # minimum at sigmoid(logit) = 0.9
+    expected = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+    confident = nb.d_loss(torch.full((5,), 30.0), fake, real_target=0.9)
+    assert confident.item() > loss.item() + 1  # an over-confident D is penalised
+    assert nb.g_loss(torch.full((5,), 30.0)).item() < 1e-6
+
+
+def test_forward_process_matches_closed_form(nb):
+    """Noising step by step, x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) eps, has the
+    distribution q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)."""
+    sched = nb.Schedule(T=1000)
+    torch.manual_seed(0)
+    x0 = torch.full((20000, 1, 1, 1), 0.7)
+    t_stop = 300
+    x = x0.clone()
+    for t in range(t_stop + 1):
+        x = sched.alpha[t].sqrt() * x + sched.beta[t].sqrt() * torch.randn_like(x)
+    ab = sched.alpha_bar[t_stop]
+    assert x.mean().item() == pytest.approx(0.7 * ab.sqrt().item(), abs=0.02)
+    assert x.var().item() == pytest.approx(1 - ab.item(), abs=0.02)
+    closed = nb.q_sample(sched, x0, torch.full((20000,), t_stop), torch.randn_like(x0))
+    assert closed.mean().item() == pytest.approx(x.mean().item(), abs=0.02)
+    assert closed.var().item() == pytest.approx(x.var().item(), abs=0.02)
+    # the schedule itself
+    assert sched.beta[0].item() == pytest.approx(1e-4) and sched.beta[-1].item() == pytest.approx(0.02)
+    assert sched.alpha_bar[-1].item() < 1e-4  # x_T is almost pure noise
+    assert torch.allclose(sched.alpha_bar, torch.cumprod(1 - sched.beta.double(), 0).float())
+
+
+class OracleNoise(torch.nn.Module):
+    """The exact noise predictor for a data set holding a single image x0."""
+
+    def __init__(self, sched, x0):
+        super().__init__()
+        self.sched, self.x0 = sched, x0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_t, t):
+        ab = self.sched.alpha_bar[t].view(-1, 1, 1, 1)
+        return (x_t - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+
+def test_samplers_recover_the_data_with_an_oracle(nb):
+    sched = nb.Schedule(T=100, beta_start=1e-4, beta_end=0.2)
+    x0 = torch.linspace(-0.8, 0.8, 784).view(1, 1, 28, 28)
+    oracle = OracleNoise(sched, x0)
+    gen = torch.Generator().manual_seed(0)
+    ddim = nb.sample_ddim(oracle, sched, 3, gen, "cpu", steps=10, progress=False)
+    assert torch.allclose(ddim, x0.expand(3, -1, -1, -1), atol=1e-4)
+    ancestral = nb.sample_ancestral(oracle, sched, 3, gen, "cpu", progress=False)
+    assert (ancestral - x0).abs().max() < 0.05
+
+
+def test_ddim_timesteps(nb):
+    ts = nb.ddim_timesteps(1000, 50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
+    assert nb.ddim_timesteps(10, 10) == list(range(9, -1, -1))
+
+
+def test_ddpm_loss_weighting(nb):
+    sched = nb.Schedule()
+    model = nb.UNet(16)
+    x0 = torch.rand(8, 1, 28, 28) * 2 - 1
+    plain = nb.ddpm_loss(model, sched, x0, torch.Generator().manual_seed(1), min_snr=0)
+    weighted = nb.ddpm_loss(model, sched, x0, torch.Generator().manual_seed(1), min_snr=5)
+    assert 0 < weighted.item() <= plain.item()  # min(SNR, 5) / SNR <= 1
+    snr = sched.snr
+    assert (torch.clamp(snr, max=5) / snr)[-1].item() == pytest.approx(1.0)  # noisy steps keep weight 1
+
+
+def test_ema_tracks_weights(nb):
+    model = torch.nn.Linear(2, 2)
+    ema = nb.EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(200):
+        ema.update(model)
+    assert torch.allclose(ema.model.weight, model.weight, atol=1e-6)
+
+
+def test_batches_are_seeded_and_complete(nb):
+    cfg = nb.Config(batch_size=4)
+    images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1).expand(12, 28, 28).contiguous()
+    labels = torch.arange(12)
+    first = [y.tolist() for _, y in nb.batches(images, labels, cfg, torch.Generator().manual_seed(42))]
+    again = [y.tolist() for _, y in nb.batches(images, labels, cfg, torch.Generator().manual_seed(42))]
+    assert first == again and sorted(sum(first, [])) == list(range(12))
+    cfg.max_batches = 2
+    assert len(list(nb.batches(images, labels, cfg, torch.Generator()))) == 2
+
+
+def test_balanced_labels(nb):
+    counts = np.bincount(nb.balanced_labels(1000).numpy(), minlength=10)
+    assert counts.tolist() == [100] * 10
+
+
+def test_metrics_known_cases(nb):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 8))
+    assert nb.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert nb.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=0.02)  # |shift|^2 = 8
+    perfect = torch.eye(10).repeat(10, 1)  # asks 0..9, gets exactly them
+    stats = nb.sample_stats(perfect, asked=torch.arange(100) % 10)
+    assert stats["control_accuracy"] == 1.0 and stats["coverage"] == pytest.approx(1.0)
+    collapsed = torch.zeros(100, 10)
+    collapsed[:, 3] = 1  # always a 3
+    stats = nb.sample_stats(collapsed, asked=torch.arange(100) % 10)
+    assert stats["control_accuracy"] == pytest.approx(0.1) and stats["coverage"] == 0.0
+    assert nb.sample_stats(collapsed)["draws_per_chosen_digit"] is None
+    assert nb.sample_stats(perfect)["draws_per_chosen_digit"] == pytest.approx(10.0)
+    blank, noisy = np.zeros((2, 28, 28), np.uint8), rng.integers(0, 256, (2, 28, 28)).astype(np.uint8)
+    assert nb.sharpness(blank) == 0 and nb.sharpness(noisy) > 0.2
+
+
+# --- configuration -------------------------------------------------------------------
+
+def test_profiles_and_overrides(nb):
+    cfg = nb.make_config(["--profile", "cpu"], env={})
+    assert cfg.batch_size == 128 and cfg.seed == 42 and cfg.n_samples >= 1000 and cfg.sampler == "ddim"
+    full = nb.make_config(["--profile", "full"], env={})
+    assert all(e == 30 for e in full.epochs.values()) and full.n_samples == 10000
+    cfg = nb.make_config(["--profile", "smoke", "--models", "vae,ddpm", "--epochs", "3",
+                          "--n-samples", "50", "--data-root", "/x"], env={})
+    assert cfg.models == ("vae", "ddpm") and cfg.epochs["vae"] == 3 and cfg.n_samples == 50
+    env = {"MNIST_GEN_PROFILE": "smoke", "MNIST_GEN_MODELS": "gan", "MNIST_GEN_DDIM_STEPS": "7"}
+    cfg = nb.make_config(None, env=env)
+    assert cfg.profile == "smoke" and cfg.models == ("gan",) and cfg.ddim_steps == 7
+    cfg = nb.make_config(["--ddim-steps", "9"], env=env)  # a flag beats the environment
+    assert cfg.ddim_steps == 9
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "vae,transformer"], "unknown model"),
+    (["--epochs", "0"], "epochs must be 1 or more"),
+    (["--epochs", "two"], "not a valid int"),
+    (["--sampler", "euler"], "use ddim or ancestral"),
+    (["--n-samples", "5"], "at least 10"),
+    (["--ddim-steps", "5000"], "ddim_steps"),
+    (["--amp", "maybe"], "use auto, on or off"),
+])
+def test_bad_settings_fail_with_a_message(nb, argv, message):
+    with pytest.raises(nb.SetupError, match=message):
+        nb.make_config(["--profile", "smoke"] + argv, env={})
+
+
+def test_bad_environment_value(nb):
+    with pytest.raises(nb.SetupError, match="MNIST_GEN_SEED"):
+        nb.make_config(None, env={"MNIST_GEN_SEED": "forty-two"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_without_gpu(nb):
+    with pytest.raises(nb.SetupError, match="no CUDA GPU"):
+        nb.make_config(["--device", "cuda"], env={})
+
+
+def test_missing_data_without_network(nb, tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    import torchvision
+
+    def no_network(self):
+        raise URLError("no network (test)")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+    with pytest.raises(nb.SetupError, match="--data-root"):
+        nb.load_mnist(str(tmp_path))
+
+
+def test_load_tiny_mnist(nb, tiny_mnist):
+    images, labels = nb.load_mnist(str(tiny_mnist), train=True)
+    assert images.shape == (512, 28, 28) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
