@@ -99,7 +99,7 @@ class Config:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     seed: int = 42  # one seed for python, numpy, torch and the data order
     batch_size: int = 128  # fixed by the assignment for every model
-    epochs: dict = field(default_factory=dict)  # passes over the training set, per model
+    epochs: dict = field(default_factory=dict)  # passes over the training set, per model (--epochs N sets all)
     max_batches: int = 0  # >0 caps the batches per epoch (smoke tests); 0 = whole epoch
     n_samples: int = 1000  # images exported per model to samples/<model>.npz
     amp: str = "auto"  # bfloat16 autocast + channels-last: auto (where the hardware has fast bf16) | on | off
@@ -163,14 +163,26 @@ def parse_value(name: str, text: str, source: str):
         raise SetupError(f"{source}: {text!r} is not a valid {kind.__name__} for {name}") from None
 
 
+def field_comments() -> dict:
+    """Each Config field's comment, read from the class source: the one place they are written."""
+    import inspect
+    import re
+    try:
+        source = inspect.getsource(Config)
+    except (OSError, TypeError):  # no source file to read (e.g. some notebook front-ends)
+        return {}
+    return dict(re.findall(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", source, re.M))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Train and compare VAE, GAN, cGAN and DDPM on MNIST.")
     parser.add_argument("--profile", choices=PROFILES,
                         help="smoke | cpu | full (default: full with CUDA, else cpu)")
+    comments = field_comments()
     for name in OVERRIDES:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=str,
-                            help=f"override {name} (env MNIST_GEN_{name.upper()})")
+                            help=f"{comments.get(name, name)} (env MNIST_GEN_{name.upper()})")
     return parser
 
 
@@ -1140,10 +1152,80 @@ def environment(cfg: Config, device: torch.device) -> dict:
     return env
 
 
+def train_model(name: str, train, cfg: Config, device):
+    seed_everything(cfg.seed)  # every model starts from the same seed, whichever ran before
+    if name == "vae":
+        return train_vae(train, cfg, device)
+    if name in ("gan", "cgan"):
+        return train_gan(train, cfg, device, conditional=(name == "cgan"))
+    return train_ddpm(train, cfg, device)
+
+
+def export_samples(name: str, nets, cfg: Config, device, out: Path):
+    """Draw cfg.n_samples images (the cGAN asked for balanced labels) and write samples/<name>.npz."""
+    gen = torch.Generator(device).manual_seed(cfg.seed + 1)
+    asked = balanced_labels(cfg.n_samples) if name == "cgan" else None
+    t0 = time.perf_counter()
+    images = draw(name, nets, cfg.n_samples, cfg, device, gen, asked)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    export = {"images": images}
+    if asked is not None:
+        export["labels"] = asked.numpy().astype(np.int64)
+    save_npz(out / "samples" / f"{name}.npz", **export)
+    return images, export.get("labels"), seconds
+
+
+def draw_figures(samples: dict, labels: dict, nets_by_name: dict, histories: dict, cfg: Config,
+                 device, out: Path) -> dict:
+    """The assignment's figures, plus the loss curves; returns timing extras for results.json."""
+    extras = {}
+    notes = {name: sampler_label(name, cfg) for name in samples}
+    for name in samples:
+        if name == "cgan":
+            grid_labels = torch.arange(10).repeat_interleave(10)  # 0 x10, 1 x10, ..., 9 x10
+            grid = draw("cgan", nets_by_name["cgan"], 100, cfg, device,
+                        torch.Generator(device).manual_seed(cfg.seed + 3), grid_labels)
+            plot_cgan_grid(grid, grid_labels.numpy(), out / "cgan_grid.png", notes[name])
+        else:
+            plot_samples(samples[name], f"{name.upper()}: 10 random samples ({notes[name]})",
+                         out / f"{name}_samples.png")
+    if "ddpm" in samples and cfg.ancestral_preview and cfg.sampler != "ancestral":
+        gen = torch.Generator(device).manual_seed(cfg.seed + 2)
+        t0 = time.perf_counter()
+        preview = draw("ddpm", nets_by_name["ddpm"], cfg.ancestral_preview, cfg, device, gen,
+                       sampler="ancestral")
+        extras["ancestral_preview_seconds_per_image"] = (time.perf_counter() - t0) / cfg.ancestral_preview
+        plot_samples(preview, f"DDPM: {cfg.ancestral_preview} samples, "
+                     f"{sampler_label('ddpm', cfg, 'ancestral')} (same weights)",
+                     out / "ddpm_samples_ancestral.png")
+    plot_comparison(samples, notes, out / "comparison.png")
+    plot_losses(histories, out / "loss_curves.png")
+    return extras
+
+
+def evaluate(samples: dict, labels: dict, train, test, cfg: Config, device, out: Path, results: dict):
+    """Train (or reload) the evaluator and add every model's metrics to results; returns the
+    evaluator and the real test digits the samples were compared with."""
+    evaluator, acc, cached = train_evaluator(train, test, cfg, device, out / "checkpoints" / "evaluator.pt")
+    results["evaluator"] = {"test_accuracy": acc, "cached": cached}
+    reference = test[0][:cfg.n_samples]  # the real digits every model is compared with
+    ref_feats = features(evaluator, reference)
+    results["real_test"] = {
+        "sharpness": sharpness(reference), "n": len(reference),
+        "fid_floor": frechet_distance(features(evaluator, train[0][:len(reference)].cpu()), ref_feats),
+        **sample_stats(predict(evaluator, reference))}
+    for name, images in samples.items():
+        stats = sample_stats(predict(evaluator, images), labels.get(name))
+        results["models"][name].update(stats, sharpness=sharpness(images),
+                                       fid=frechet_distance(features(evaluator, images), ref_feats))
+    return evaluator, reference
+
+
 def run(cfg: Config) -> dict:
     device = pick_device(cfg)
     out = Path(cfg.out)
-    seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     started = time.perf_counter()
@@ -1155,75 +1237,27 @@ def run(cfg: Config) -> dict:
     samples, labels, nets_by_name, histories = {}, {}, {}, {}
 
     for name in cfg.models:
-        seed_everything(cfg.seed)
-        if name == "vae":
-            nets, hist = train_vae(train, cfg, device)
-        elif name in ("gan", "cgan"):
-            nets, hist = train_gan(train, cfg, device, conditional=(name == "cgan"))
-        else:
-            nets, hist = train_ddpm(train, cfg, device)
+        nets, hist = train_model(name, train, cfg, device)
         nets_by_name[name], histories[name] = nets, hist.as_dict()
         save_checkpoint(out / "checkpoints" / f"{name}.pt", **state_dicts(name, nets),
                         config=dataclasses.asdict(cfg))
-
-        gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-        asked = balanced_labels(cfg.n_samples) if name == "cgan" else None
-        t0 = time.perf_counter()
-        samples[name] = draw(name, nets, cfg.n_samples, cfg, device, gen, asked)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        sample_seconds = time.perf_counter() - t0
-        export = {"images": samples[name]}
+        samples[name], asked, sample_seconds = export_samples(name, nets, cfg, device, out)
         if asked is not None:
-            labels[name] = export["labels"] = asked.numpy().astype(np.int64)
-        save_npz(out / "samples" / f"{name}.npz", **export)
-        train_nets = nets if name != "ddpm" else nets[1:2]
+            labels[name] = asked
+        trained = [nets] if name == "vae" else list(nets[:2]) if name != "ddpm" else [nets[1]]
         results["models"][name] = {
             "epochs": cfg.model_epochs(name), "train_seconds": hist.seconds,
             "seconds_per_epoch": hist.seconds / cfg.model_epochs(name),
             "sample_seconds": sample_seconds, "seconds_per_image": sample_seconds / cfg.n_samples,
-            "sampler": sampler_label(name, cfg), "parameters": n_params(
-                *(train_nets if isinstance(train_nets, (tuple, list)) else [train_nets])),
+            "sampler": sampler_label(name, cfg), "parameters": n_params(*trained),
             "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}}
         print(f"{name}: trained {hist.seconds:.0f}s, {cfg.n_samples} samples in {sample_seconds:.1f}s "
               f"({sampler_label(name, cfg)})")
 
-    figures_dir = out
-    notes = {name: sampler_label(name, cfg) for name in cfg.models}
-    for name in cfg.models:
-        if name == "cgan":
-            grid_labels = torch.arange(10).repeat_interleave(10)  # 0 x10, 1 x10, ..., 9 x10
-            grid = draw("cgan", nets_by_name["cgan"], 100, cfg, device,
-                        torch.Generator(device).manual_seed(cfg.seed + 3), grid_labels)
-            plot_cgan_grid(grid, grid_labels.numpy(), out / "cgan_grid.png", notes[name])
-        else:
-            plot_samples(samples[name], f"{name.upper()}: 10 random samples ({notes[name]})",
-                         figures_dir / f"{name}_samples.png")
-    if "ddpm" in cfg.models and cfg.ancestral_preview and cfg.sampler != "ancestral":
-        gen = torch.Generator(device).manual_seed(cfg.seed + 2)
-        t0 = time.perf_counter()
-        preview = draw("ddpm", nets_by_name["ddpm"], cfg.ancestral_preview, cfg, device, gen,
-                       sampler="ancestral")
-        results["models"]["ddpm"]["ancestral_preview_seconds_per_image"] = (
-            (time.perf_counter() - t0) / cfg.ancestral_preview)
-        plot_samples(preview, f"DDPM: {cfg.ancestral_preview} samples, "
-                     f"{sampler_label('ddpm', cfg, 'ancestral')} (same weights)",
-                     out / "ddpm_samples_ancestral.png")
-    plot_comparison(samples, notes, out / "comparison.png")
-    plot_losses(histories, out / "loss_curves.png")
-
-    evaluator, acc, cached = train_evaluator(train, test, cfg, device, out / "checkpoints" / "evaluator.pt")
-    results["evaluator"] = {"test_accuracy": acc, "cached": cached}
-    reference = test[0][:cfg.n_samples]  # the real digits every model is compared with
-    ref_feats = features(evaluator, reference)
-    results["real_test"] = {
-        "sharpness": sharpness(reference), "n": len(reference),
-        "fid_floor": frechet_distance(features(evaluator, train[0][:len(reference)].cpu()), ref_feats),
-        **sample_stats(predict(evaluator, reference))}
-    for name in cfg.models:
-        stats = sample_stats(predict(evaluator, samples[name]), labels.get(name))
-        results["models"][name].update(stats, sharpness=sharpness(samples[name]),
-                                       fid=frechet_distance(features(evaluator, samples[name]), ref_feats))
+    extras = draw_figures(samples, labels, nets_by_name, histories, cfg, device, out)
+    if extras:
+        results["models"]["ddpm"].update(extras)
+    evaluator, reference = evaluate(samples, labels, train, test, cfg, device, out, results)
     results["analysis"] = analysis_table(results).to_dict(orient="index")
     if cfg.ddpm_study_steps:
         results["ddpm_design_study"] = ddpm_design_study(cfg, train, reference, evaluator, device, out)

@@ -226,3 +226,11 @@ def test_load_tiny_mnist(nb, tiny_mnist):
     images, labels = nb.load_mnist(str(tiny_mnist), train=True)
     assert images.shape == (512, 28, 28) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
+
+
+def test_every_setting_has_its_comment_as_help(nb):
+    comments = nb.field_comments()
+    assert set(nb.OVERRIDES) <= set(comments), set(nb.OVERRIDES) - set(comments)
+    assert all(f.name in comments for f in nb.dataclasses.fields(nb.Config))  # one comment per field
+    help_text = nb.build_parser().format_help()
+    assert "MNIST_GEN_DATA_ROOT" in help_text and "U-Net channels" in help_text
