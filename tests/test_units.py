@@ -234,3 +234,14 @@ def test_every_setting_has_its_comment_as_help(nb):
     assert all(f.name in comments for f in nb.dataclasses.fields(nb.Config))  # one comment per field
     help_text = nb.build_parser().format_help()
     assert "MNIST_GEN_DATA_ROOT" in help_text and "U-Net channels" in help_text
+
+
+def test_history_means_and_non_finite_loss(nb):
+    hist = nb.History("demo", "loss")
+    for v in (1.0, 2.0, 3.0):
+        hist.log(loss=torch.tensor(v))
+    hist.end_epoch()
+    assert hist.epoch["loss"] == [2.0] and hist.step["loss"] == [1.0, 2.0, 3.0]
+    hist.log(loss=torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="demo: the loss loss became non-finite"):
+        hist.end_epoch()
