@@ -81,9 +81,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 ALL_MODELS = ("vae", "gan", "cgan", "ddpm")
+PROFILES = ("smoke", "cpu", "full")
 # progress bars redraw often on a terminal or in a notebook, rarely when written to a log file
 BAR = {"mininterval": 0.2 if (IN_KERNEL or sys.stderr.isatty()) else 30.0, "leave": False}
-PROFILES = ("smoke", "cpu", "full")
 
 
 class SetupError(ValueError):
@@ -847,7 +847,7 @@ def train_gan(data, cfg: Config, device, conditional: bool):
 
 
 def train_ddpm(data, cfg: Config, device, after_epoch=None):
-    """after_epoch(epoch, sampler_net, steps_done), if given, runs after every epoch (the design study uses it)."""
+    """after_epoch(sampler_net, sched, steps_done), if given, runs after every epoch (the design study uses it)."""
     images, labels = data
     sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end, device)
     model = prepare(UNet(cfg.ddpm_width), cfg, device)
@@ -874,7 +874,7 @@ def train_ddpm(data, cfg: Config, device, after_epoch=None):
         bar.close()
         hist.end_epoch()
         if after_epoch:
-            after_epoch(epoch, (ema.model if ema else model).eval(), len(hist.step["loss"]))
+            after_epoch((ema.model if ema else model).eval(), sched, len(hist.step["loss"]))
             model.train()
     sampler_net = ema.model if ema else model
     return (sampler_net.eval(), model.eval(), sched), hist
@@ -948,12 +948,20 @@ def save_checkpoint(path: Path, **state):
     os.replace(tmp, path)
 
 
-def state_dicts(name: str, nets) -> dict:
+def trained_modules(name: str, nets) -> dict:
+    """The networks a model trains, by checkpoint key (the DDPM's EMA copy is not one of them)."""
     if name == "vae":
-        return {"vae": nets.state_dict()}
+        return {"vae": nets}
     if name in ("gan", "cgan"):
-        return {"generator": nets[0].state_dict(), "discriminator": nets[1].state_dict()}
-    return {"unet_ema": nets[0].state_dict(), "unet": nets[1].state_dict()}
+        return {"generator": nets[0], "discriminator": nets[1]}
+    return {"unet": nets[1]}
+
+
+def state_dicts(name: str, nets) -> dict:
+    states = {key: module.state_dict() for key, module in trained_modules(name, nets).items()}
+    if name == "ddpm":
+        states["unet_ema"] = nets[0].state_dict()
+    return states
 
 
 # %% [markdown]
@@ -1207,7 +1215,7 @@ def draw_figures(samples: dict, labels: dict, nets_by_name: dict, histories: dic
 
 def evaluate(samples: dict, labels: dict, train, test, cfg: Config, device, out: Path, results: dict):
     """Train (or reload) the evaluator and add every model's metrics to results; returns the
-    evaluator and the real test digits the samples were compared with."""
+    evaluator and its features of the real test digits the samples were compared with."""
     evaluator, acc, cached = train_evaluator(train, test, cfg, device, out / "checkpoints" / "evaluator.pt")
     results["evaluator"] = {"test_accuracy": acc, "cached": cached}
     reference = test[0][:cfg.n_samples]  # the real digits every model is compared with
@@ -1220,7 +1228,7 @@ def evaluate(samples: dict, labels: dict, train, test, cfg: Config, device, out:
         stats = sample_stats(predict(evaluator, images), labels.get(name))
         results["models"][name].update(stats, sharpness=sharpness(images),
                                        fid=frechet_distance(features(evaluator, images), ref_feats))
-    return evaluator, reference
+    return evaluator, ref_feats
 
 
 def run(cfg: Config) -> dict:
@@ -1244,12 +1252,11 @@ def run(cfg: Config) -> dict:
         samples[name], asked, sample_seconds = export_samples(name, nets, cfg, device, out)
         if asked is not None:
             labels[name] = asked
-        trained = [nets] if name == "vae" else list(nets[:2]) if name != "ddpm" else [nets[1]]
         results["models"][name] = {
             "epochs": cfg.model_epochs(name), "train_seconds": hist.seconds,
             "seconds_per_epoch": hist.seconds / cfg.model_epochs(name),
             "sample_seconds": sample_seconds, "seconds_per_image": sample_seconds / cfg.n_samples,
-            "sampler": sampler_label(name, cfg), "parameters": n_params(*trained),
+            "sampler": sampler_label(name, cfg), "parameters": n_params(*trained_modules(name, nets).values()),
             "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}}
         print(f"{name}: trained {hist.seconds:.0f}s, {cfg.n_samples} samples in {sample_seconds:.1f}s "
               f"({sampler_label(name, cfg)})")
@@ -1257,10 +1264,10 @@ def run(cfg: Config) -> dict:
     extras = draw_figures(samples, labels, nets_by_name, histories, cfg, device, out)
     if extras:
         results["models"]["ddpm"].update(extras)
-    evaluator, reference = evaluate(samples, labels, train, test, cfg, device, out, results)
+    evaluator, ref_feats = evaluate(samples, labels, train, test, cfg, device, out, results)
     results["analysis"] = analysis_table(results).to_dict(orient="index")
     if cfg.ddpm_study_steps:
-        results["ddpm_design_study"] = ddpm_design_study(cfg, train, reference, evaluator, device, out)
+        results["ddpm_design_study"] = ddpm_design_study(cfg, train, ref_feats, evaluator, device, out)
     results["total_seconds"] = time.perf_counter() - started
     results["histories"] = histories
     write_json(out / "results.json", results)
@@ -1358,26 +1365,25 @@ DESIGN_VARIANTS = {
 }
 
 
-def ddpm_design_study(cfg: Config, train, reference, evaluator, device, out: Path, evals: int = 7) -> dict:
-    """Train each DESIGN_VARIANTS entry for cfg.ddpm_study_steps steps; classifier-FID every steps/evals."""
+def ddpm_design_study(cfg: Config, train, ref_feats, evaluator, device, out: Path, evals: int = 7) -> dict:
+    """Train each DESIGN_VARIANTS entry for cfg.ddpm_study_steps steps; classifier-FID every steps/evals.
+    ref_feats: the evaluator's features of the real test digits (from `evaluate`)."""
     steps_per_eval = max(1, cfg.ddpm_study_steps // evals)
-    ref_feats = features(evaluator, reference)
-    n_eval = min(1000, len(reference))
+    n_eval = min(1000, len(ref_feats))
     curves, rows = {}, {}
     for label, overrides in DESIGN_VARIANTS.items():
         vcfg = dataclasses.replace(cfg, **overrides, epochs={**cfg.epochs, "ddpm": evals},
                                    max_batches=steps_per_eval)
         points = []
 
-        def measure(epoch, net, steps_done):
-            sched = Schedule(vcfg.ddpm_T, vcfg.ddpm_beta_start, vcfg.ddpm_beta_end, device)
+        def measure(net, sched, steps_done):
             gen = torch.Generator(device).manual_seed(cfg.seed + 1)
             with autocast(vcfg, device):
                 x = sample_ddim(net, sched, n_eval, gen, device, 50, progress=False)
             points.append((steps_done, frechet_distance(features(evaluator, to_uint8(x, True)), ref_feats)))
 
         seed_everything(cfg.seed)
-        (net, _, sched), hist = train_ddpm(train, vcfg, device, after_epoch=measure)
+        _, hist = train_ddpm(train, vcfg, device, after_epoch=measure)
         curves[label] = points
         rows[label] = {"steps": points[-1][0], "final_fid": points[-1][1],
                        "seconds_per_step": hist.seconds / points[-1][0]}
