@@ -27,11 +27,12 @@
 #
 # **How to run.** In Colab: *Runtime → Change runtime type → GPU*, then *Run all*.
 # Headless: `python mnist_generative_models_complete.py --help`.
-# Everything lands in `outputs/` (figures, `samples/<model>.npz`, checkpoints and `results.json`).
+# Everything lands in `outputs/`: figures, `samples/<model>.npz`, checkpoints, the comparison
+# table as `metrics.csv` / `metrics.json`, a written `REPORT.md`, and `results.json` with everything.
 #
 # The notebook reads top to bottom: configuration, data, the four models (each with its
 # idea and its loss), training, sampling, a small evaluator for the analysis, figures,
-# the report and finally a checklist that *verifies* the assignment against this run.
+# the scores and report, and finally a checklist that *verifies* the assignment against this run.
 
 # %% [markdown]
 # ## 1. Configuration
@@ -41,7 +42,7 @@
 # | profile | for | what it does |
 # |---|---|---|
 # | `smoke` | tests | a few batches of whatever data is at hand; seconds |
-# | `cpu` | a laptop or a 2-core server | real MNIST, the whole run in about 25 minutes, DDIM sampling |
+# | `cpu` | a laptop or a 2-core server | real MNIST, the whole run with its metrics in under 30 minutes, DDIM sampling |
 # | `full` | a GPU (Colab) | the assignment's 30 epochs for every model, 1000-step DDPM sampling |
 #
 # Without CUDA the default is `cpu`; with CUDA it is `full`. Any field can be overridden:
@@ -124,8 +125,12 @@ class Config:
     ddim_steps: int = 50  # network passes per DDIM sample
     ancestral_preview: int = 10  # images also drawn with the T-step ancestral sampler (0 = none)
     ddpm_study_steps: int = 0  # >0: also run the DDPM design study, this many steps per variant
-    # evaluator used for the analysis (a small CNN classifier trained here)
+    # measuring (section 9): a small CNN classifier trained here drives every metric
     eval_epochs: int = 2  # passes over the training set for the evaluator
+    epoch_fid_samples: int = 1000  # samples per model for the classifier-FID after every epoch
+    epoch_fid_ddpm_samples: int = 500  # the same for the DDPM, whose samples cost more
+    epoch_fid_ddim_steps: int = 20  # DDIM steps of those per-epoch DDPM samples
+    seeds: int = 1  # >1: train every model again with seeds seed+1, seed+2, ... and report the spread
 
     def model_epochs(self, name: str) -> int:
         return self.epochs[name]
@@ -135,13 +140,14 @@ def profile_defaults(profile: str) -> dict:
     """The settings each profile changes; everything else keeps the Config default."""
     if profile == "smoke":
         return dict(epochs={m: 1 for m in ALL_MODELS}, max_batches=2, n_samples=20,
-                    ddim_steps=5, ancestral_preview=0, eval_epochs=1, ddpm_warmup=1)
+                    ddim_steps=5, ancestral_preview=0, eval_epochs=1, ddpm_warmup=1,
+                    epoch_fid_samples=20, epoch_fid_ddpm_samples=20, epoch_fid_ddim_steps=2)
     if profile == "cpu":
         return dict(epochs={"vae": 10, "gan": 4, "cgan": 4, "ddpm": 6},
                     n_samples=1000, sampler="ddim", ddim_steps=50, eval_epochs=2)
     if profile == "full":
         return dict(epochs={m: 30 for m in ALL_MODELS}, n_samples=10000,
-                    sampler="ancestral", eval_epochs=3)
+                    sampler="ancestral", eval_epochs=3, epoch_fid_ddpm_samples=1000, epoch_fid_ddim_steps=50)
     raise SetupError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
 
 
@@ -151,7 +157,8 @@ OVERRIDES = {
     "models": str, "epochs": int, "data_root": str, "out": str, "device": str, "seed": int,
     "n_samples": int, "amp": str, "sampler": str, "ddim_steps": int, "max_batches": int,
     "ancestral_preview": int, "ddpm_width": int, "ddpm_lr": float, "ddpm_min_snr": float,
-    "ddpm_ema": float, "eval_epochs": int, "ddpm_study_steps": int,
+    "ddpm_ema": float, "eval_epochs": int, "ddpm_study_steps": int, "epoch_fid_samples": int,
+    "epoch_fid_ddpm_samples": int, "epoch_fid_ddim_steps": int, "seeds": int,
 }
 
 
@@ -234,6 +241,10 @@ def validate(cfg: Config) -> None:
     need(0 <= cfg.ddpm_ema < 1, "ddpm_ema must be in [0, 1)")
     need(cfg.eval_epochs >= 1, "eval_epochs must be 1 or more")
     need(cfg.ddpm_study_steps >= 0, "ddpm_study_steps must be 0 (off) or more")
+    need(cfg.epoch_fid_samples >= PR_K + 1 and cfg.epoch_fid_ddpm_samples >= PR_K + 1,
+         f"epoch_fid_samples and epoch_fid_ddpm_samples must be at least {PR_K + 1}")
+    need(1 <= cfg.epoch_fid_ddim_steps <= cfg.ddpm_T, f"epoch_fid_ddim_steps must be between 1 and {cfg.ddpm_T}")
+    need(cfg.seeds >= 1, "seeds must be 1 (one run) or more")
 
 
 def pick_device(cfg: Config) -> torch.device:
@@ -734,6 +745,7 @@ class History:
         self.step = {n: [] for n in names}
         self.epoch = {n: [] for n in names}
         self.seconds, self._start, self._mark, self._pending = 0.0, time.perf_counter(), 0, []
+        self.paused = 0.0  # seconds spent in after-epoch measurements, not counted as training
 
     def log(self, **losses):
         """Record one step; every FLUSH_EVERY steps return the latest values (else None)."""
@@ -759,10 +771,29 @@ class History:
         for n, values in self.step.items():
             self.epoch[n].append(float(np.mean(values[self._mark:])))
         self._mark = len(self.step[self.names[0]])
-        self.seconds = time.perf_counter() - self._start
+        self.seconds = time.perf_counter() - self._start - self.paused
+
+    @property
+    def steps(self) -> int:
+        return len(self.step[self.names[0]]) + len(self._pending)
 
     def as_dict(self):
         return {"epoch": self.epoch, "step": self.step, "train_seconds": self.seconds}
+
+
+def end_epoch(hist: History, after_epoch, nets, training: tuple):
+    """Close the epoch; then, if given, run after_epoch(nets, steps_done) with the networks in eval
+    mode (a per-epoch measurement), untimed, and put the `training` modules back in train mode."""
+    hist.end_epoch()
+    if after_epoch is None:
+        return
+    t0 = time.perf_counter()
+    for module in training:
+        module.eval()
+    after_epoch(nets, hist.steps)
+    for module in training:
+        module.train()
+    hist.paused += time.perf_counter() - t0
 
 
 def adam(params, lr: float, device, betas=(0.9, 0.999)):
@@ -775,13 +806,13 @@ def show_losses(bar, latest, fmt: str = ".3f"):
         bar.set_postfix({k: format(v, fmt) for k, v in latest.items()}, refresh=False)
 
 
-def epoch_bar(name: str, epoch: int, cfg: Config, n_images: int):
+def epoch_bar(name: str, epoch: int, cfg: Config, n_images: int, epochs: int | None = None):
     n = n_images // cfg.batch_size
     total = min(n, cfg.max_batches) if cfg.max_batches else n
-    return tqdm(total=total, desc=f"{name} epoch {epoch + 1}/{cfg.model_epochs(name)}", **BAR)
+    return tqdm(total=total, desc=f"{name} epoch {epoch + 1}/{epochs or cfg.model_epochs(name)}", **BAR)
 
 
-def train_vae(data, cfg: Config, device):
+def train_vae(data, cfg: Config, device, after_epoch=None):
     images, labels = data
     model = VAE(cfg.vae_latent).to(device)
     opt = adam(model.parameters(), cfg.vae_lr, device)
@@ -800,11 +831,11 @@ def train_vae(data, cfg: Config, device):
             bar.update()
             show_losses(bar, hist.log(loss=loss, bce=bce, kl=kl), ".1f")
         bar.close()
-        hist.end_epoch()
+        end_epoch(hist, after_epoch, model, (model,))
     return model.eval(), hist
 
 
-def train_gan(data, cfg: Config, device, conditional: bool):
+def train_gan(data, cfg: Config, device, conditional: bool, after_epoch=None):
     """DCGAN training; conditional=True gives the cGAN (labels to G and D, real target 0.9)."""
     name = "cgan" if conditional else "gan"
     images, labels = data
@@ -842,12 +873,12 @@ def train_gan(data, cfg: Config, device, conditional: bool):
             bar.update()
             show_losses(bar, latest, ".2f")
         bar.close()
-        hist.end_epoch()
+        end_epoch(hist, after_epoch, (G, D), (G, D))
     return (G.eval(), D.eval()), hist
 
 
 def train_ddpm(data, cfg: Config, device, after_epoch=None):
-    """after_epoch(sampler_net, sched, steps_done), if given, runs after every epoch (the design study uses it)."""
+    """Returns (sampler_net, trained_net, sched): the sampler uses the EMA weights when ddpm_ema > 0."""
     images, labels = data
     sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end, device)
     model = prepare(UNet(cfg.ddpm_width), cfg, device)
@@ -872,11 +903,8 @@ def train_ddpm(data, cfg: Config, device, after_epoch=None):
             bar.update()
             show_losses(bar, hist.log(loss=loss), ".4f")
         bar.close()
-        hist.end_epoch()
-        if after_epoch:
-            after_epoch((ema.model if ema else model).eval(), sched, len(hist.step["loss"]))
-            model.train()
-    sampler_net = ema.model if ema else model
+        sampler_net = ema.model if ema else model
+        end_epoch(hist, after_epoch, (sampler_net, model, sched), (model,))
     return (sampler_net.eval(), model.eval(), sched), hist
 
 
@@ -903,7 +931,7 @@ def balanced_labels(n: int) -> torch.Tensor:
 
 
 def draw(name: str, nets, n: int, cfg: Config, device, gen: torch.Generator, labels=None,
-         sampler: str | None = None):
+         sampler: str | None = None, progress: bool = True):
     """n images from one trained model as uint8 [n, 28, 28] (in batches of SAMPLE_BATCH)."""
     out = []
     for start in range(0, n, SAMPLE_BATCH):
@@ -919,9 +947,9 @@ def draw(name: str, nets, n: int, cfg: Config, device, gen: torch.Generator, lab
                 continue
             net, _, sched = nets
             if (sampler or cfg.sampler) == "ancestral":
-                x = sample_ancestral(net, sched, m, gen, device)
+                x = sample_ancestral(net, sched, m, gen, device, progress)
             else:
-                x = sample_ddim(net, sched, m, gen, device, cfg.ddim_steps)
+                x = sample_ddim(net, sched, m, gen, device, cfg.ddim_steps, progress)
             out.append(to_uint8(x, signed=True))
     return np.concatenate(out)
 
@@ -965,66 +993,107 @@ def state_dicts(name: str, nets) -> dict:
 
 
 # %% [markdown]
-# ## 9. An evaluator for the analysis
+# ## 9. Measuring the four axes
 #
+# ### The evaluator
 # To say whether a generated image *is* a recognisable digit, and which one, we train a
 # small CNN classifier on the MNIST training set right here (no downloaded weights) and
 # report its test accuracy. It is cached in `outputs/checkpoints/evaluator.pt` and
-# reused while its settings and data are unchanged.
+# reused while its settings and data are unchanged. Its class probabilities
+# $p(y\mid x)$ and its 128-d penultimate features $\phi(x)$ drive every metric below.
+# All of them compare `n_samples` generated images with as many MNIST **test** digits;
+# the same numbers on real **training** digits give the floor (what a perfect model scores).
 #
-# From its predictions on each model's samples we measure:
+# ### Clarity: are the samples sharp, realistic digits?
+# * **classifier-FID**, the Fréchet distance between Gaussians fitted to $\phi$ of the samples
+#   ($\mu_g, \Sigma_g$) and of the test digits ($\mu_r, \Sigma_r$):
+#   $\lVert\mu_g-\mu_r\rVert^2 + \mathrm{Tr}\big(\Sigma_g+\Sigma_r-2(\Sigma_g\Sigma_r)^{1/2}\big)$. Lower is better.
+#   It is FID's formula with an MNIST classifier in place of ImageNet's Inception net, so its
+#   values are not comparable with published FIDs.
+# * **classifier Inception Score** $\exp\big(\mathbb{E}_x\,\mathrm{KL}(p(y\mid x)\,\Vert\,p(y))\big)$, from 1 to 10:
+#   high when every image is confidently one digit and all ten digits appear.
+# * **precision and recall** (Kynkäänniemi et al., 2019): each set of features spans a manifold,
+#   the union of balls around its points whose radius is the distance to the point's
+#   $k$-th nearest neighbour ($k=5$). Precision is the share of samples inside the real manifold
+#   (are they realistic?), recall the share of real digits inside the samples' manifold
+#   (is all of MNIST's variety covered?).
+# * **sharpness**, the mean absolute difference between neighbouring pixels (0-1 scale), beside
+#   the same number on real digits; blur lowers it.
 #
-# * **confidence**: the mean top-class probability; real test digits score close to 1,
-#   a blurry or malformed digit scores lower.
-# * **coverage**: the entropy of the predicted class distribution divided by $\log 10$;
-#   1 means every digit appears equally, a collapsed GAN scores far lower.
-# * **controllability**: for the cGAN, the share of samples classified as the digit that
-#   was asked for. A model without a label input has no way to ask; the measured
-#   price of a chosen digit is the expected number of draws until it appears,
-#   $\frac{1}{10}\sum_d 1/p_d$ with $p_d$ the share of samples classified as $d$ (10 when
-#   balanced), and its control score is the hit rate of one draw, $\frac{1}{10}\sum_d p_d = 0.1$.
-# * **classifier-FID**: the Fréchet distance between Gaussians fitted to the evaluator's
-#   128-d penultimate features of the samples and of as many MNIST test digits,
-#   $\lVert\mu_g-\mu_r\rVert^2 + \mathrm{Tr}(\Sigma_g+\Sigma_r-2(\Sigma_g\Sigma_r)^{1/2})$.
-#   Lower is better; real *training* digits against the test digits give the floor.
-#   (It is FID's formula with an MNIST classifier in place of ImageNet's Inception net,
-#   so its values are not comparable with published FIDs.)
-# * **sharpness**: the mean gradient magnitude of the image (0-1 scale), beside the same
-#   number on real test digits; blur lowers it.
+# ### Controllability: how cheaply does a user get the digit they want?
+# Every model gets the same question: with the best means it offers, what is the probability
+# $p_d$ that one attempt yields digit $d$? The cGAN is **asked** for $d$ through its label. The
+# VAE can be **steered**: encode the training digits, take the mean and spread of the codes
+# of each class, and decode codes drawn from the class-$d$ Gaussian. The GAN and the DDPM have
+# no handle, so a user **redraws** until $d$ appears, and $p_d$ is the share of samples the
+# evaluator calls $d$. The expected number of attempts for a chosen digit is
+# $\frac{1}{10}\sum_d 1/p_d$, and its inverse is the control score (see section 12).
+# For the asked and steered models we also print the confusion matrix (asked vs seen).
+#
+# ### Stability and efficiency
+# Measured while training (section 11): a cheap classifier-FID after every epoch, class
+# coverage (entropy of the predicted classes divided by $\log 10$; 1 = all digits equally),
+# the smallest class share and recall (mode collapse), sharpness (blur); wall time, images per
+# second, parameters, time per image at batch 1 and at batch 1000, and peak memory.
 
 # %%
 class Evaluator(nn.Module):
+    """A small CNN digit classifier; `features` is its 128-d penultimate layer phi(x)."""
+
     def __init__(self):
         super().__init__()
+
+        def conv(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
         self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(2),  # 14x14
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # 7x7
+            *conv(1, 32), *conv(32, 32), nn.MaxPool2d(2),  # 14x14
+            *conv(32, 64), *conv(64, 64), nn.MaxPool2d(2),  # 7x7
             nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU())
-        self.classify = nn.Linear(128, 10)
+        self.classify = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
 
     def forward(self, x):
         return self.classify(self.features(x))
 
 
+EVALUATOR_VERSION = 2  # bump when the evaluator's architecture or training changes (invalidates the cache)
+
+
+def random_shift(x: torch.Tensor, gen: torch.Generator, pixels: int = 2) -> torch.Tensor:
+    """Augmentation: move the whole batch by up to `pixels` in each direction (digits have empty borders)."""
+    dy, dx = torch.randint(-pixels, pixels + 1, (2,), generator=gen).tolist()
+    return torch.roll(x, (dy, dx), dims=(2, 3))
+
+
 def train_evaluator(train, test, cfg: Config, device, cache: Path):
-    key = {"epochs": cfg.eval_epochs, "seed": cfg.seed, "max_batches": cfg.max_batches,
-           "n_train": len(train[0]), "train_sum": int(train[0].sum(dtype=torch.int64))}
-    model = Evaluator().to(device)
+    key = {"version": EVALUATOR_VERSION, "epochs": cfg.eval_epochs, "seed": cfg.seed,
+           "max_batches": cfg.max_batches, "n_train": len(train[0]),
+           "train_sum": int(train[0].sum(dtype=torch.int64))}
+    seed_everything(cfg.seed)
+    model = prepare(Evaluator(), cfg, device)
     if cache.exists():
         saved = torch.load(cache, map_location=device, weights_only=True)
         if saved.get("key") == key:
             model.load_state_dict(saved["state"])
             return model.eval(), saved["test_accuracy"], True
-    opt = adam(model.parameters(), 1e-3, device)
     gen = torch.Generator().manual_seed(cfg.seed)
+    steps = cfg.eval_epochs * len(range(0, len(train[0]) - cfg.batch_size + 1, cfg.batch_size))
+    steps = min(steps, cfg.eval_epochs * cfg.max_batches) if cfg.max_batches else steps
+    opt = adam(model.parameters(), 1e-3, device)
+    # one-cycle schedule: warm up to 3e-3, then anneal; 2 epochs reach about 99.3% test accuracy
+    lr = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 2))
     for epoch in range(cfg.eval_epochs):
-        bar = tqdm(list(batches(*train, cfg, gen)), desc=f"evaluator epoch {epoch + 1}", **BAR)
-        for xb, yb in bar:
-            loss = F.cross_entropy(model(to_unit(xb)), yb)
+        bar = epoch_bar("evaluator", epoch, cfg, len(train[0]), cfg.eval_epochs)
+        for xb, yb in batches(*train, cfg, gen):
+            with autocast(cfg, device):
+                logits = model(random_shift(to_unit(xb), gen))
+            loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            lr.step()
+            bar.update()
+        bar.close()
     model.eval()
     acc = float((predict(model, test[0]).argmax(1) == test[1].cpu()).float().mean())
     save_checkpoint(cache, state=model.state_dict(), key=key, test_accuracy=acc)
@@ -1033,8 +1102,8 @@ def train_evaluator(train, test, cfg: Config, device, cache: Path):
 
 @torch.inference_mode()
 def predict(model, images_uint8) -> torch.Tensor:
-    """Class probabilities [N, 10] for uint8 images [N, 28, 28] (tensor or array)."""
-    x = torch.as_tensor(images_uint8)
+    """Class probabilities p(y|x) [N, 10] for uint8 images [N, 28, 28] (tensor or array)."""
+    x = torch.as_tensor(np.asarray(images_uint8) if not torch.is_tensor(images_uint8) else images_uint8)
     device = next(model.parameters()).device
     probs = [F.softmax(model(to_unit(x[i:i + 2000].to(device))), 1).cpu() for i in range(0, len(x), 2000)]
     return torch.cat(probs)
@@ -1042,8 +1111,8 @@ def predict(model, images_uint8) -> torch.Tensor:
 
 @torch.inference_mode()
 def features(model, images_uint8) -> np.ndarray:
-    """The evaluator's penultimate-layer features [N, 128] (float64) of uint8 images."""
-    x = torch.as_tensor(np.asarray(images_uint8))
+    """The evaluator's penultimate-layer features phi(x) [N, 128] (float64) of uint8 images."""
+    x = torch.as_tensor(np.asarray(images_uint8) if not torch.is_tensor(images_uint8) else images_uint8)
     device = next(model.parameters()).device
     feats = [model.features(to_unit(x[i:i + 2000].to(device))).double().cpu() for i in range(0, len(x), 2000)]
     return torch.cat(feats).numpy()
@@ -1059,31 +1128,95 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
 
 
+def inception_score(probs: torch.Tensor) -> float:
+    """exp(E_x KL(p(y|x) || p(y))), with p(y) the mean of p(y|x) over the samples."""
+    p_yx = probs.double().clamp_min(1e-12)
+    p_y = p_yx.mean(0, keepdim=True)
+    return float(torch.exp((p_yx * (p_yx.log() - p_y.log())).sum(1).mean()))
+
+
+PR_K = 5  # the k of the k-NN manifolds in precision and recall (Kynkaanniemi et al. 2019)
+
+
+def knn_radius(feats: torch.Tensor, k: int = PR_K) -> torch.Tensor:
+    """Distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    return torch.cat([torch.cdist(chunk, feats).kthvalue(k + 1, dim=1).values
+                      for chunk in feats.split(2000)])
+
+
+def inside_manifold(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """For each point, True when it lies within radius[j] of some centre j."""
+    return torch.cat([(torch.cdist(chunk, centres) <= radius[None, :]).any(1) for chunk in points.split(2000)])
+
+
+def precision_recall(real_feats, fake_feats, k: int = PR_K) -> tuple:
+    """precision: share of fakes inside the real k-NN manifold; recall: share of reals inside the fake one."""
+    real, fake = torch.as_tensor(real_feats).float(), torch.as_tensor(fake_feats).float()
+    precision = inside_manifold(fake, real, knn_radius(real, k)).double().mean()
+    recall = inside_manifold(real, fake, knn_radius(fake, k)).double().mean()
+    return float(precision), float(recall)
+
+
 def sharpness(images_uint8) -> float:
     """Mean absolute finite-difference gradient of the images, on the 0-1 scale."""
     x = torch.as_tensor(np.asarray(images_uint8)).float() / 255.0
     return float(((x[:, 1:, :] - x[:, :-1, :]).abs().mean() + (x[:, :, 1:] - x[:, :, :-1]).abs().mean()) / 2)
 
 
-def sample_stats(probs: torch.Tensor, asked=None) -> dict:
-    """Confidence, class coverage, and (with asked-for labels) the hit rate."""
-    pred = probs.argmax(1)
-    share = torch.bincount(pred, minlength=10).float() / len(pred)
-    entropy = max(0.0, float(-(share[share > 0] * share[share > 0].log()).sum() / math.log(10)))
-    stats = {"confidence": float(probs.max(1).values.mean()), "coverage": entropy,
-             "smallest_class_share": float(share.min()), "class_share": share.tolist()}
-    if asked is not None:
-        stats["control_accuracy"] = float((pred == torch.as_tensor(asked)).float().mean())
-        stats["draws_per_chosen_digit"] = 1.0
-    else:
-        stats["control_accuracy"] = float(share.mean())  # = 0.1: a draw hits a chosen digit by chance
-        # expected draws until a chosen digit appears; None when some digit never appears
-        stats["draws_per_chosen_digit"] = float((1 / share).mean()) if (share > 0).all() else None
-    return stats
+def class_stats(probs: torch.Tensor) -> dict:
+    """Confidence (mean top probability), class shares, coverage entropy / log 10, smallest share."""
+    share = torch.bincount(probs.argmax(1), minlength=10).double() / len(probs)
+    nz = share[share > 0]
+    return {"confidence": float(probs.max(1).values.mean()), "class_share": share.tolist(),
+            "coverage": max(0.0, float(-(nz * nz.log()).sum() / math.log(10))),
+            "smallest_class_share": float(share.min())}
+
+
+def confusion(asked, probs: torch.Tensor) -> np.ndarray:
+    """10x10 matrix: row d = share of the samples asked to be d that the evaluator calls each digit."""
+    asked = torch.as_tensor(asked).long()
+    counts = torch.zeros(10, 10, dtype=torch.float64)
+    counts.index_put_((asked, probs.argmax(1)), torch.ones(len(asked), dtype=torch.float64), accumulate=True)
+    return (counts / counts.sum(1, keepdim=True).clamp_min(1)).numpy()
+
+
+def control_from_hits(p_d, method: str, matrix=None) -> dict:
+    """p_d = probability that one attempt yields digit d. Expected attempts per chosen digit:
+    mean_d 1/p_d (infinite when some digit never comes); control score: its inverse."""
+    p_d = np.asarray(p_d, dtype=float)
+    attempts = float(np.mean(1 / p_d)) if (p_d > 0).all() else None  # None: some digit never comes
+    return {"method": method, "per_class_hit": p_d.tolist(), "hit_rate": float(p_d.mean()),
+            "attempts_per_digit": attempts, "score": 1 / attempts if attempts else 0.0,
+            "confusion": None if matrix is None else np.asarray(matrix).tolist()}
+
+
+@torch.inference_mode()
+def vae_class_codes(vae: VAE, images_uint8, labels, max_images: int = 10000) -> tuple:
+    """Mean and standard deviation of the encoder's mu over the digits of each class: [10, latent] each."""
+    device = next(vae.parameters()).device
+    x, y = images_uint8[:max_images].to(device), labels[:max_images].to(device)
+    mu = torch.cat([vae.encode(to_unit(chunk))[0].float() for chunk in x.split(2000)])
+    means = torch.stack([mu[y == d].mean(0) for d in range(10)])
+    stds = torch.stack([mu[y == d].std(0) for d in range(10)])
+    return means, stds
+
+
+@torch.inference_mode()
+def vae_steer(vae: VAE, means, stds, asked: torch.Tensor, gen: torch.Generator) -> np.ndarray:
+    """Decode codes z ~ N(mean_d, std_d^2) for each asked digit d: the VAE's way to choose a digit."""
+    device = means.device
+    asked = asked.to(device)
+    z = means[asked] + stds[asked] * torch.randn(means[asked].shape, generator=gen, device=device)
+    return to_uint8(torch.sigmoid(vae.decode_logits(z).float()), signed=False)
 
 
 # %% [markdown]
 # ## 10. Figures
+#
+# The assignment's figures (ten samples per model, the cGAN's 10×10 grid, a comparison), the
+# loss curves, and the figures of the comparison: classifier-FID per epoch, controllability per
+# digit with confusion matrices, the VAE's latent space in 3D, and the four scores as a 3D
+# plot and a radar chart. Each is saved to the output folder and shown inline.
 
 # %%
 def image_grid(ax, images, rows: int, cols: int, title: str = ""):
@@ -1098,7 +1231,7 @@ def image_grid(ax, images, rows: int, cols: int, title: str = ""):
 
 def plot_samples(images, title: str, path: Path):
     fig, ax = plt.subplots(figsize=(10, 1.6))
-    image_grid(ax, images, 1, 10, title)
+    image_grid(ax, images, 1, min(10, len(images)), title)
     show(fig, path)
 
 
@@ -1142,12 +1275,119 @@ def plot_losses(histories: dict, path: Path):
     show(fig, path)
 
 
+MODEL_COLOURS = {"vae": "tab:blue", "gan": "tab:orange", "cgan": "tab:green", "ddpm": "tab:red"}
+
+
+def plot_epoch_fid(curves: dict, notes: dict, floor: float, path: Path):
+    """Classifier-FID after every epoch: a falling curve converges, a zig-zag oscillates."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, curve in curves.items():
+        ax.plot(np.arange(1, len(curve) + 1), curve, "o-", color=MODEL_COLOURS.get(name),
+                label=f"{name.upper()} ({notes[name]})")
+    ax.axhline(floor, color="gray", ls="--", label=f"real train vs test ({floor:.1f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("classifier-FID (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("Stability: classifier-FID after every epoch")
+    ax.legend(fontsize=7)
+    show(fig, path)
+
+
+def plot_control(controls: dict, path: Path):
+    """Per-digit success rate of one attempt, and the asked-vs-seen confusion matrices."""
+    with_matrix = [n for n, c in controls.items() if c["confusion"] is not None]
+    fig = plt.figure(figsize=(5.5 + 3.2 * len(with_matrix), 3.6))
+    grid = fig.add_gridspec(1, 1 + len(with_matrix), width_ratios=[1.8] + [1] * len(with_matrix))
+    ax = fig.add_subplot(grid[0])
+    width = 0.8 / len(controls)
+    for i, (name, c) in enumerate(controls.items()):
+        ax.bar(np.arange(10) + (i - (len(controls) - 1) / 2) * width, c["per_class_hit"], width,
+               color=MODEL_COLOURS.get(name), label=f"{name.upper()}: {c['method']}")
+    ax.set_xticks(range(10))
+    ax.set_xlabel("chosen digit d")
+    ax.set_ylabel("p_d: one attempt yields d")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.18))
+    ax.set_title("Controllability per digit")
+    for k, name in enumerate(with_matrix, start=1):
+        cax = fig.add_subplot(grid[k])
+        cax.imshow(np.asarray(controls[name]["confusion"]), cmap="Blues", vmin=0, vmax=1)
+        cax.set_xticks(range(10))
+        cax.set_yticks(range(10))
+        cax.set_xlabel("digit the evaluator sees", fontsize=8)
+        cax.set_ylabel("digit asked for", fontsize=8)
+        cax.set_title(f"{name.upper()} confusion", fontsize=9)
+    show(fig, path)
+
+
+def plot_scores_3d(scores: dict, path: Path):
+    """Clarity, stability and controllability on the axes; efficiency as marker size and colour."""
+    fig = plt.figure(figsize=(6.5, 5.5))
+    ax = fig.add_subplot(projection="3d")
+    eff = np.array([s["efficiency"] for s in scores.values()])
+    points = ax.scatter([s["clarity"] for s in scores.values()], [s["stability"] for s in scores.values()],
+                        [s["control"] for s in scores.values()], s=60 + 440 * eff, c=eff, cmap="viridis",
+                        vmin=0, vmax=1, depthshade=False, edgecolors="k")
+    for name, s in scores.items():  # a dotted stem down to the floor makes the height readable
+        ax.plot([s["clarity"]] * 2, [s["stability"]] * 2, [0, s["control"]], ":", color="gray", lw=0.8)
+        ax.text(s["clarity"], s["stability"], s["control"] + 0.04, name.upper(), fontsize=9)
+    ax.scatter([1], [1], [1], marker="*", s=250, color="gold", edgecolors="k", depthshade=False)
+    ax.text(1, 1, 1.06, "ideal", fontsize=9)
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.set_zlim(0, 1)
+    ax.set_xlabel("clarity")
+    ax.set_ylabel("stability")
+    ax.set_zlabel("controllability")
+    fig.colorbar(points, ax=ax, shrink=0.6, pad=0.12, label="efficiency (also marker size)")
+    ax.set_title("The four axes (scores 0-1, ideal corner starred)")
+    show(fig, path)
+
+
+def plot_radar(scores: dict, path: Path):
+    axes_names = ["clarity", "control", "stability", "efficiency"]
+    angles = np.linspace(0, 2 * np.pi, len(axes_names), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"projection": "polar"})
+    for name, s in scores.items():
+        values = [s[a] for a in axes_names]
+        ax.plot(angles + angles[:1], values + values[:1], "o-", color=MODEL_COLOURS.get(name), label=name.upper())
+        ax.fill(angles + angles[:1], values + values[:1], color=MODEL_COLOURS.get(name), alpha=0.08)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(axes_names)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1), fontsize=8)
+    ax.set_title("Scores per axis (1 = best)")
+    show(fig, path)
+
+
+@torch.inference_mode()
+def plot_vae_latent_3d(vae: VAE, test, path: Path, n: int = 5000) -> list:
+    """The encoder's mu of n test digits projected on their first three principal components.
+    Returns the share of the codes' variance each component explains."""
+    device = next(vae.parameters()).device
+    x, y = test[0][:n], test[1][:n].numpy()
+    mu = torch.cat([vae.encode(to_unit(c.to(device)))[0].float().cpu() for c in x.split(2000)]).double().numpy()
+    centred = mu - mu.mean(0)
+    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    coords = centred @ vt[:3].T
+    explained = (sing ** 2 / (sing ** 2).sum())[:3].tolist()
+    fig = plt.figure(figsize=(6.5, 5.5))
+    ax = fig.add_subplot(projection="3d")
+    points = ax.scatter(*coords.T, c=y, cmap="tab10", s=4, alpha=0.7, vmin=-0.5, vmax=9.5)
+    for k, label in enumerate("xyz"):
+        getattr(ax, f"set_{label}label")(f"PC{k + 1} ({100 * explained[k]:.0f}% of variance)")
+    fig.colorbar(points, ax=ax, ticks=range(10), shrink=0.6, pad=0.12, label="digit")
+    ax.set_title(f"VAE latent space: {len(coords)} test digits' codes, 3 principal components")
+    show(fig, path)
+    return explained
+
+
 # %% [markdown]
 # ## 11. The whole run
 #
-# `run(cfg)` trains each selected model, draws and exports its samples, saves its
-# checkpoint, then evaluates all of them and draws the figures. It returns the results
-# that also go to `outputs/results.json`.
+# `run(cfg)` first trains (or reloads) the evaluator, then for each selected model: trains
+# it while measuring its peak memory and a cheap classifier-FID after every epoch, saves its
+# checkpoint, draws and exports its samples, times one image at batch 1, and measures its
+# clarity, controllability and stability. Then it draws the figures, scores the four axes
+# (section 12) and writes `results.json`, `metrics.csv`, `metrics.json` and `REPORT.md`.
 
 # %%
 def environment(cfg: Config, device: torch.device) -> dict:
@@ -1160,13 +1400,76 @@ def environment(cfg: Config, device: torch.device) -> dict:
     return env
 
 
-def train_model(name: str, train, cfg: Config, device):
+def rss_mb():
+    """This process's resident memory now (Linux), else None."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA's peak allocated bytes on a GPU; on a CPU the
+    process's resident memory, sampled every 10 ms (it includes the data set and whatever earlier
+    steps left allocated). `mb` is None where neither can be read."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb, self.kind = device, None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import threading
+        self._stop, self._peak = threading.Event(), rss_mb()
+        if self._peak is not None:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.01):
+            self._peak = max(self._peak, rss_mb() or 0.0)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mb, self.kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "CUDA peak allocated"
+        elif self._peak is not None:
+            self._stop.set()
+            self._thread.join()
+            self.mb, self.kind = max(self._peak, rss_mb() or 0.0), "process resident memory, peak"
+        return False
+
+
+def epoch_fid_tracker(name: str, cfg: Config, device, evaluator, ref_feats):
+    """A list that fills with one classifier-FID per epoch, and the after_epoch callback that fills it.
+    The DDPM uses fewer samples and DDIM steps (epoch_fid_ddpm_samples, epoch_fid_ddim_steps)."""
+    n = min(cfg.epoch_fid_ddpm_samples if name == "ddpm" else cfg.epoch_fid_samples, len(ref_feats))
+    ecfg = dataclasses.replace(cfg, sampler="ddim", ddim_steps=cfg.epoch_fid_ddim_steps)
+    curve = []
+
+    def after_epoch(nets, steps_done):
+        gen = torch.Generator(device).manual_seed(cfg.seed + 4)  # its own generator: training's is untouched
+        asked = balanced_labels(n) if name == "cgan" else None
+        images = draw(name, nets, n, ecfg, device, gen, asked, progress=False)
+        curve.append(frechet_distance(features(evaluator, images), ref_feats[:n]))
+
+    note = f"{n} samples" + (f", DDIM-{cfg.epoch_fid_ddim_steps}" if name == "ddpm" else "")
+    return curve, after_epoch, note
+
+
+def train_model(name: str, train, cfg: Config, device, after_epoch=None):
     seed_everything(cfg.seed)  # every model starts from the same seed, whichever ran before
     if name == "vae":
-        return train_vae(train, cfg, device)
+        return train_vae(train, cfg, device, after_epoch)
     if name in ("gan", "cgan"):
-        return train_gan(train, cfg, device, conditional=(name == "cgan"))
-    return train_ddpm(train, cfg, device)
+        return train_gan(train, cfg, device, conditional=(name == "cgan"), after_epoch=after_epoch)
+    return train_ddpm(train, cfg, device, after_epoch)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def export_samples(name: str, nets, cfg: Config, device, out: Path):
@@ -1175,14 +1478,27 @@ def export_samples(name: str, nets, cfg: Config, device, out: Path):
     asked = balanced_labels(cfg.n_samples) if name == "cgan" else None
     t0 = time.perf_counter()
     images = draw(name, nets, cfg.n_samples, cfg, device, gen, asked)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     seconds = time.perf_counter() - t0
     export = {"images": images}
     if asked is not None:
         export["labels"] = asked.numpy().astype(np.int64)
     save_npz(out / "samples" / f"{name}.npz", **export)
     return images, export.get("labels"), seconds
+
+
+def seconds_per_image_at_batch_1(name: str, nets, cfg: Config, device) -> float:
+    """Median wall time of drawing one image alone (after one warm-up draw): what a user waits."""
+    repeats = 3 if name == "ddpm" else 20
+    gen = torch.Generator(device).manual_seed(cfg.seed + 5)
+    asked = torch.tensor([7]) if name == "cgan" else None
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        draw(name, nets, 1, cfg, device, gen, asked, progress=False)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
 
 
 def draw_figures(samples: dict, labels: dict, nets_by_name: dict, histories: dict, cfg: Config,
@@ -1213,22 +1529,84 @@ def draw_figures(samples: dict, labels: dict, nets_by_name: dict, histories: dic
     return extras
 
 
-def evaluate(samples: dict, labels: dict, train, test, cfg: Config, device, out: Path, results: dict):
-    """Train (or reload) the evaluator and add every model's metrics to results; returns the
-    evaluator and its features of the real test digits the samples were compared with."""
-    evaluator, acc, cached = train_evaluator(train, test, cfg, device, out / "checkpoints" / "evaluator.pt")
-    results["evaluator"] = {"test_accuracy": acc, "cached": cached}
-    reference = test[0][:cfg.n_samples]  # the real digits every model is compared with
-    ref_feats = features(evaluator, reference)
-    results["real_test"] = {
-        "sharpness": sharpness(reference), "n": len(reference),
-        "fid_floor": frechet_distance(features(evaluator, train[0][:len(reference)].cpu()), ref_feats),
-        **sample_stats(predict(evaluator, reference))}
-    for name, images in samples.items():
-        stats = sample_stats(predict(evaluator, images), labels.get(name))
-        results["models"][name].update(stats, sharpness=sharpness(images),
-                                       fid=frechet_distance(features(evaluator, images), ref_feats))
-    return evaluator, ref_feats
+def measure_real(evaluator, train, reference, ref_feats) -> dict:
+    """The metrics of real training digits against the test digits: the floor for every model."""
+    real = train[0][:len(reference)].cpu()
+    real_feats = features(evaluator, real)
+    precision, recall = precision_recall(ref_feats, real_feats)
+    return {"n": len(reference), "fid_floor": frechet_distance(real_feats, ref_feats),
+            "inception_score": inception_score(predict(evaluator, reference)),
+            "precision": precision, "recall": recall, "sharpness": sharpness(reference),
+            **class_stats(predict(evaluator, reference))}
+
+
+def measure_model(name: str, nets, images, asked, evaluator, ref_feats, train, cfg: Config, device) -> dict:
+    """Clarity, coverage and controllability of one model's exported samples (section 9)."""
+    probs, feats = predict(evaluator, images), features(evaluator, images)
+    precision, recall = precision_recall(ref_feats, feats)
+    metrics = {"fid": frechet_distance(feats, ref_feats), "inception_score": inception_score(probs),
+               "precision": precision, "recall": recall, "sharpness": sharpness(images),
+               **class_stats(probs)}
+    if name == "cgan":
+        matrix = confusion(asked, probs)
+        metrics["control"] = control_from_hits(np.diag(matrix), "asked through its label", matrix)
+    elif name == "vae":
+        means, stds = vae_class_codes(nets, *train)
+        wanted = balanced_labels(len(images))
+        steered = vae_steer(nets, means, stds, wanted, torch.Generator(device).manual_seed(cfg.seed + 6))
+        matrix = confusion(wanted, predict(evaluator, steered))
+        metrics["control"] = control_from_hits(np.diag(matrix), "steered to the encoder's class mean", matrix)
+    else:
+        metrics["control"] = control_from_hits(metrics["class_share"], "redrawn until the digit appears")
+    return metrics
+
+
+def train_and_measure(name: str, train, cfg: Config, device, out: Path, evaluator, ref_feats,
+                      epoch_fid: bool = True):
+    """Train one model, save its checkpoint and samples, and measure it. Returns (nets, history,
+    samples, asked labels, the model's results entry)."""
+    curve, after_epoch, note = epoch_fid_tracker(name, cfg, device, evaluator, ref_feats)
+    with PeakMemory(device) as memory:
+        nets, hist = train_model(name, train, cfg, device, after_epoch if epoch_fid else None)
+    save_checkpoint(out / "checkpoints" / f"{name}.pt", **state_dicts(name, nets),
+                    config=dataclasses.asdict(cfg))
+    images, asked, sample_seconds = export_samples(name, nets, cfg, device, out)
+    epochs = cfg.model_epochs(name)
+    entry = {
+        "epochs": epochs, "train_seconds": hist.seconds, "seconds_per_epoch": hist.seconds / epochs,
+        "train_images_per_second": hist.steps * cfg.batch_size / hist.seconds,
+        "parameters": n_params(*trained_modules(name, nets).values()),
+        "sampler": sampler_label(name, cfg), "sample_seconds": sample_seconds,
+        "sample_batch": min(SAMPLE_BATCH, cfg.n_samples), "seconds_per_image": sample_seconds / cfg.n_samples,
+        "seconds_per_image_batch1": seconds_per_image_at_batch_1(name, nets, cfg, device),
+        "peak_memory_mb": memory.mb, "peak_memory_kind": memory.kind,
+        "epoch_fid": curve, "epoch_fid_note": note,
+        "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}}
+    entry.update(measure_model(name, nets, images, asked, evaluator, ref_feats, train, cfg, device))
+    return nets, hist, images, asked, entry
+
+
+def seed_spread(cfg: Config, train, device, out: Path, evaluator, ref_feats, results: dict) -> dict:
+    """Train every model again with seeds seed+1 ... seed+seeds-1 and collect the spread of the
+    headline metrics (the first seed's values come from the main run)."""
+    keys = ("fid", "inception_score", "precision", "recall", "coverage")
+    spread = {name: {"seeds": [cfg.seed], **{k: [results["models"][name][k]] for k in keys},
+                     "control_score": [results["models"][name]["control"]["score"]]}
+              for name in cfg.models}
+    for seed in range(cfg.seed + 1, cfg.seed + cfg.seeds):
+        scfg = dataclasses.replace(cfg, seed=seed)
+        for name in cfg.models:
+            print(f"seed {seed}: {name}")
+            *_, entry = train_and_measure(name, train, scfg, device, out / f"seed-{seed}", evaluator,
+                                          ref_feats, epoch_fid=False)
+            spread[name]["seeds"].append(seed)
+            for k in keys:
+                spread[name][k].append(entry[k])
+            spread[name]["control_score"].append(entry["control"]["score"])
+    for name, s in spread.items():
+        s["summary"] = {k: {"mean": float(np.mean(s[k])), "std": float(np.std(s[k], ddof=1))}
+                        for k in (*keys, "control_score")}
+    return spread
 
 
 def run(cfg: Config) -> dict:
@@ -1242,108 +1620,327 @@ def run(cfg: Config) -> dict:
     print(f"profile {cfg.profile} on {device}: {len(train[0])} training images, "
           f"models {', '.join(cfg.models)}, epochs {[cfg.model_epochs(m) for m in cfg.models]}")
     results = {"config": dataclasses.asdict(cfg), "environment": environment(cfg, device), "models": {}}
-    samples, labels, nets_by_name, histories = {}, {}, {}, {}
 
+    evaluator, acc, cached = train_evaluator(train, test, cfg, device, out / "checkpoints" / "evaluator.pt")
+    print(f"evaluator test accuracy {100 * acc:.2f}%" + (" (cached)" if cached else ""))
+    results["evaluator"] = {"test_accuracy": acc, "cached": cached}
+    reference = test[0][:cfg.n_samples]  # the real digits every model is compared with
+    ref_feats = features(evaluator, reference)
+    results["real_test"] = measure_real(evaluator, train, reference, ref_feats)
+
+    samples, labels, nets_by_name, histories = {}, {}, {}, {}
     for name in cfg.models:
-        nets, hist = train_model(name, train, cfg, device)
-        nets_by_name[name], histories[name] = nets, hist.as_dict()
-        save_checkpoint(out / "checkpoints" / f"{name}.pt", **state_dicts(name, nets),
-                        config=dataclasses.asdict(cfg))
-        samples[name], asked, sample_seconds = export_samples(name, nets, cfg, device, out)
+        nets, hist, samples[name], asked, entry = train_and_measure(
+            name, train, cfg, device, out, evaluator, ref_feats)
+        nets_by_name[name], histories[name], results["models"][name] = nets, hist.as_dict(), entry
         if asked is not None:
             labels[name] = asked
-        results["models"][name] = {
-            "epochs": cfg.model_epochs(name), "train_seconds": hist.seconds,
-            "seconds_per_epoch": hist.seconds / cfg.model_epochs(name),
-            "sample_seconds": sample_seconds, "seconds_per_image": sample_seconds / cfg.n_samples,
-            "sampler": sampler_label(name, cfg), "parameters": n_params(*trained_modules(name, nets).values()),
-            "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}}
-        print(f"{name}: trained {hist.seconds:.0f}s, {cfg.n_samples} samples in {sample_seconds:.1f}s "
-              f"({sampler_label(name, cfg)})")
+        print(f"{name}: trained {hist.seconds:.0f}s, {cfg.n_samples} samples in {entry['sample_seconds']:.1f}s "
+              f"({entry['sampler']}), classifier-FID {entry['fid']:.1f}")
 
     extras = draw_figures(samples, labels, nets_by_name, histories, cfg, device, out)
     if extras:
         results["models"]["ddpm"].update(extras)
-    evaluator, ref_feats = evaluate(samples, labels, train, test, cfg, device, out, results)
-    results["analysis"] = analysis_table(results).to_dict(orient="index")
+    results["scores"] = axis_scores(results)
+    if "vae" in nets_by_name:
+        results["vae_latent_pca_variance"] = plot_vae_latent_3d(nets_by_name["vae"], test, out / "vae_latent_3d.png")
+    draw_comparison_figures(results, out)
+    if cfg.seeds > 1:
+        results["seed_spread"] = seed_spread(cfg, train, device, out, evaluator, ref_feats, results)
     if cfg.ddpm_study_steps:
         results["ddpm_design_study"] = ddpm_design_study(cfg, train, ref_feats, evaluator, device, out)
     results["total_seconds"] = time.perf_counter() - started
     results["histories"] = histories
+    table = metrics_table(results)
+    results["analysis"] = table.to_dict(orient="index")
     write_json(out / "results.json", results)
+    write_metrics(results, table, out)
+    write_text(out / "REPORT.md", report_markdown(results, table))
     return results
 
 
-def write_json(path: Path, obj):
+def write_text(path: Path, text: str):
+    """Write atomically: a temporary file, then a rename, so no reader sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
+def write_json(path: Path, obj):
+    write_text(path, json.dumps(obj, indent=1, default=float))
+
+
 # %% [markdown]
-# ## 12. Analysis: clarity, controllability, efficiency, stability
+# ## 12. Scores, table and report
 #
-# The table is built from the numbers measured above; the text below it is generated
-# from the same numbers, so it cannot disagree with them.
+# Each axis becomes a score from 0 (worst) to 1 (best) by one formula, the same for every
+# model, from the numbers measured above (no constant is set per model):
+#
+# * **clarity** $= \frac{1}{3}\Big(\min\big(1, \frac{\mathrm{FID}_\text{floor}}{\mathrm{FID}}\big) + \text{precision} +
+#   \min\big(\frac{s}{s_\text{real}}, \frac{s_\text{real}}{s}\big)\Big)$, with $s$ the sharpness;
+# * **controllability** $= 1 \big/ \frac{1}{10}\sum_d \frac{1}{p_d}$, the inverse of the expected number of
+#   attempts to get a chosen digit (0.1 for a model that draws every digit equally often at random);
+# * **stability** $= \frac{1}{4}\Big(\text{coverage} + \text{recall} + \min(1, 10\,\text{smallest class share}) +
+#   \frac{\min_e \mathrm{FID}_e}{\mathrm{FID}_\text{last epoch}}\Big)$: no digit missing, MNIST's variety covered,
+#   and training that ends at its best epoch rather than after it;
+# * **efficiency** $= \frac{1}{4}\sum_{c} \frac{1}{1 + \log_{10}(c / c_\text{min})}$ over four costs $c$: training
+#   seconds, seconds per image at batch 1000 and at batch 1, and peak memory, each against the
+#   cheapest model of this run ($c_\text{min}$); 10× the cheapest cost scores 0.5, 100× scores 0.33.
+#
+# The table holds the raw numbers beside the scores; `metrics.csv` and `metrics.json` hold the
+# same (the JSON also the environment and the formulas), and `REPORT.md` the written analysis,
+# generated from these numbers so that it cannot disagree with them.
 
 # %%
-def analysis_table(results: dict) -> pd.DataFrame:
+SCORE_FORMULAS = {
+    "clarity": "mean of min(1, FID_floor / FID), precision, min(s / s_real, s_real / s) with s the sharpness",
+    "control": "1 / mean_d(1 / p_d), p_d = probability that one attempt yields digit d (0 if some p_d = 0)",
+    "stability": "mean of coverage, recall, min(1, 10 * smallest class share), min epoch FID / last epoch FID",
+    "efficiency": "mean over costs c in (train seconds, seconds per image at batch 1000, at batch 1, "
+                  "peak memory) of 1 / (1 + log10(c / cheapest model's c))",
+}
+EFFICIENCY_COSTS = ("train_seconds", "seconds_per_image", "seconds_per_image_batch1", "peak_memory_mb")
+
+
+def clarity_score(m: dict, real: dict) -> float:
+    s, s_real = m["sharpness"], real["sharpness"]
+    sharp = min(s / s_real, s_real / s) if s > 0 else 0.0
+    return float(np.mean([min(1.0, real["fid_floor"] / m["fid"]), m["precision"], sharp]))
+
+
+def stability_score(m: dict) -> float:
+    curve = m["epoch_fid"]
+    steadiness = min(curve) / curve[-1]
+    return float(np.mean([m["coverage"], m["recall"], min(1.0, 10 * m["smallest_class_share"]), steadiness]))
+
+
+def efficiency_scores(models: dict) -> dict:
+    """Per model, the mean of 1 / (1 + log10(c / c_min)) over the costs that were measured."""
+    terms = {name: [] for name in models}
+    for cost in EFFICIENCY_COSTS:
+        values = {n: m.get(cost) for n, m in models.items()}
+        if any(v is None or v <= 0 for v in values.values()):
+            continue  # not measurable here (e.g. memory on a platform without /proc): left out for all
+        cheapest = min(values.values())
+        for n, v in values.items():
+            terms[n].append(1 / (1 + math.log10(v / cheapest)))
+    return {n: float(np.mean(t)) for n, t in terms.items()}
+
+
+def axis_scores(results: dict) -> dict:
+    models, real = results["models"], results["real_test"]
+    efficiency = efficiency_scores(models)
+    return {n: {"clarity": clarity_score(m, real), "control": m["control"]["score"],
+                "stability": stability_score(m), "efficiency": efficiency[n]} for n, m in models.items()}
+
+
+def metrics_table(results: dict) -> pd.DataFrame:
+    """One row per model (and one for real digits): raw numbers and the four scores."""
     rows = {}
     for name, m in results["models"].items():
+        s = results["scores"][name]
         rows[name] = {
-            "clarity: classifier-FID": m["fid"],
-            "clarity: evaluator confidence": m["confidence"],
-            "clarity: sharpness": m["sharpness"],
-            "control: hit rate of asked digit": m["control_accuracy"],
-            "control: draws per chosen digit": m["draws_per_chosen_digit"] or float("nan"),
-            "stability: class coverage (1 = all digits)": m["coverage"],
-            "stability: smallest class share": m["smallest_class_share"],
-            "efficiency: train seconds": m["train_seconds"],
-            "efficiency: ms per image": 1000 * m["seconds_per_image"],
-            "efficiency: parameters": m["parameters"],
-        }
+            "clarity_fid": m["fid"], "clarity_inception_score": m["inception_score"],
+            "clarity_precision": m["precision"], "clarity_sharpness": m["sharpness"],
+            "clarity_confidence": m["confidence"], "clarity_score": s["clarity"],
+            "control_hit_rate": m["control"]["hit_rate"],
+            "control_attempts_per_digit": m["control"]["attempts_per_digit"] or float("inf"),
+            "control_score": s["control"],
+            "stability_coverage": m["coverage"], "stability_smallest_class_share": m["smallest_class_share"],
+            "stability_recall": m["recall"], "stability_best_epoch_fid": min(m["epoch_fid"]),
+            "stability_last_epoch_fid": m["epoch_fid"][-1], "stability_score": s["stability"],
+            "efficiency_train_seconds": m["train_seconds"], "efficiency_seconds_per_epoch": m["seconds_per_epoch"],
+            "efficiency_train_images_per_second": m["train_images_per_second"],
+            "efficiency_parameters": m["parameters"],
+            "efficiency_ms_per_image_batch1": 1000 * m["seconds_per_image_batch1"],
+            f"efficiency_ms_per_image_batch{m['sample_batch']}": 1000 * m["seconds_per_image"],
+            "efficiency_peak_memory_mb": m["peak_memory_mb"], "efficiency_score": s["efficiency"]}
+        spread = results.get("seed_spread", {}).get(name)
+        if spread:
+            rows[name].update({f"stability_seed_{k}_{stat}": spread["summary"][k][stat]
+                               for k in ("fid", "control_score") for stat in ("mean", "std")})
+    real = results["real_test"]
     rows["real MNIST"] = {
-        "clarity: classifier-FID": results["real_test"]["fid_floor"],
-        "clarity: evaluator confidence": results["real_test"]["confidence"],
-        "clarity: sharpness": results["real_test"]["sharpness"],
-        "stability: class coverage (1 = all digits)": results["real_test"]["coverage"],
-        "stability: smallest class share": results["real_test"]["smallest_class_share"]}
+        "clarity_fid": real["fid_floor"], "clarity_inception_score": real["inception_score"],
+        "clarity_precision": real["precision"], "clarity_sharpness": real["sharpness"],
+        "clarity_confidence": real["confidence"], "stability_coverage": real["coverage"],
+        "stability_smallest_class_share": real["smallest_class_share"], "stability_recall": real["recall"]}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def analysis_text(results: dict) -> str:
+def write_metrics(results: dict, table: pd.DataFrame, out: Path):
+    """metrics.csv (the table) and metrics.json (the table, the formulas and the run's environment)."""
+    write_text(out / "metrics.csv", table.to_csv(index_label="model"))
+    cfg = results["config"]
+    write_json(out / "metrics.json", {
+        "environment": {**results["environment"], "profile": cfg["profile"], "seed": cfg["seed"],
+                        "n_samples": cfg["n_samples"], "seeds": cfg["seeds"]},
+        "evaluator_test_accuracy": results["evaluator"]["test_accuracy"],
+        "score_formulas": SCORE_FORMULAS, "scores": results["scores"],
+        "table": json.loads(table.to_json(orient="index")),
+        "control": {n: m["control"] for n, m in results["models"].items()},
+        "epoch_fid": {n: {"values": m["epoch_fid"], "note": m["epoch_fid_note"]} for n, m in results["models"].items()},
+        "config": cfg})
+
+
+def draw_comparison_figures(results: dict, out: Path):
+    models = results["models"]
+    plot_epoch_fid({n: m["epoch_fid"] for n, m in models.items()},
+                   {n: m["epoch_fid_note"] for n, m in models.items()},
+                   results["real_test"]["fid_floor"], out / "epoch_fid.png")
+    plot_control({n: m["control"] for n, m in models.items()}, out / "controllability.png")
+    plot_scores_3d(results["scores"], out / "scores_3d.png")
+    plot_radar(results["scores"], out / "scores_radar.png")
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float) and math.isinf(v):
+        return "never"
+    if isinstance(v, (int, np.integer)) or (isinstance(v, float) and abs(v) >= 1000):
+        return f"{v:,.0f}"
+    return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{max(1, digits - 1)}f}"
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    lines = ["| | " + " | ".join(df.columns) + " |", "|---" * (len(df.columns) + 1) + "|"]
+    for index, row in df.iterrows():
+        lines.append(f"| {index} | " + " | ".join(fmt(v) for v in row.tolist()) + " |")
+    return "\n".join(lines)
+
+
+def clarity_text(results: dict) -> str:
+    m, real = results["models"], results["real_test"]
+    by_fid = sorted(m, key=lambda n: m[n]["fid"])
+    text = ("Classifier-FID (lower is better) ranks " + ", ".join(f"{n.upper()} {m[n]['fid']:.1f}" for n in by_fid)
+            + f"; real training digits against the test digits score {real['fid_floor']:.1f}, the floor. ")
+    by_precision = sorted(m, key=lambda n: -m[n]["precision"])
+    text += (f"Precision is highest for {by_precision[0].upper()} ({m[by_precision[0]]['precision']:.2f}) and "
+             f"lowest for {by_precision[-1].upper()} ({m[by_precision[-1]]['precision']:.2f}); real digits "
+             f"score {real['precision']:.2f}. ")
+    gaps = {n: abs(m[n]["sharpness"] - real["sharpness"]) for n in m}
+    sharpest = max(m, key=lambda n: m[n]["sharpness"])
+    blurriest = min(m, key=lambda n: m[n]["sharpness"])
+    text += (f"{sharpest.upper()} has the sharpest strokes ({m[sharpest]['sharpness']:.3f}), "
+             f"{blurriest.upper()} the blurriest ({m[blurriest]['sharpness']:.3f}), against "
+             f"{real['sharpness']:.3f} on real digits; closest to real is {min(gaps, key=gaps.get).upper()}. ")
+    by_is = sorted(m, key=lambda n: -m[n]["inception_score"])
+    text += ("Classifier Inception Score (1 to 10, real digits " + f"{real['inception_score']:.2f}): "
+             + ", ".join(f"{n.upper()} {m[n]['inception_score']:.2f}" for n in by_is) + ".")
+    if by_is[0] != by_fid[0]:
+        text += (f" FID and Inception Score disagree on the best model ({by_fid[0].upper()} vs "
+                 f"{by_is[0].upper()}): IS rewards confident, balanced classes, FID the whole feature distribution.")
+    return text
+
+
+def control_text(results: dict) -> str:
     m = results["models"]
-    real = results["real_test"]
-    lines = []
-    by = lambda key, rev=True: sorted(m, key=lambda n: m[n][key], reverse=rev)  # noqa: E731
-    lines.append("Clarity: classifier-FID (lower is better) ranks " + ", ".join(
-        f"{n.upper()} {m[n]['fid']:.2f}" for n in by("fid", rev=False)) +
-        f"; real training digits against the test digits give {real['fid_floor']:.2f}.")
-    best = by("confidence")
-    lines.append(f"The evaluator is most confident on {best[0].upper()} "
-                 f"({m[best[0]]['confidence']:.3f}) and least on {best[-1].upper()} "
-                 f"({m[best[-1]]['confidence']:.3f}); real test digits score {real['confidence']:.3f}. "
-                 f"Sharpness (real: {real['sharpness']:.3f}): " +
-                 ", ".join(f"{n.upper()} {m[n]['sharpness']:.3f}" for n in by("sharpness")) + ".")
-    cond = [n for n in m if n == "cgan"]
-    lines.append("Controllability: " + (
-        f"asked for a digit, the cGAN draws it {100 * m['cgan']['control_accuracy']:.1f}% of the time. "
-        if cond else "no conditional model was run. ") +
-        "Unconditional models can only be re-drawn until the digit appears: " +
-        ", ".join(f"{n.upper()} " + (f"needs {m[n]['draws_per_chosen_digit']:.1f} draws on average"
-                  if m[n]["draws_per_chosen_digit"] else "never draws some digit")
-                  for n in m if n != "cgan") + " (10 if every digit were equally likely).")
-    lines.append("Efficiency: " + ", ".join(
-        f"{n.upper()} trained in {m[n]['train_seconds']:.0f} s and draws an image in "
-        f"{1000 * m[n]['seconds_per_image']:.2f} ms ({m[n]['sampler']})" for n in m) + ".")
+    parts = []
+    for n in sorted(m, key=lambda n: -m[n]["control"]["score"]):
+        c = m[n]["control"]
+        hits = np.asarray(c["per_class_hit"])
+        attempts = "never gets some digit" if c["attempts_per_digit"] is None else \
+            f"needs {c['attempts_per_digit']:.1f} attempts per chosen digit on average"
+        parts.append(f"{n.upper()} ({c['method']}) yields the chosen digit {100 * c['hit_rate']:.1f}% of the "
+                     f"time and {attempts} (score {c['score']:.3f}); its hardest digit is {int(hits.argmin())} "
+                     f"({100 * hits.min():.1f}%)")
+    return "; ".join(parts) + ". A model drawing every digit equally often at random would need 10 attempts (score 0.1)."
+
+
+def efficiency_text(results: dict) -> str:
+    m = results["models"]
+    fastest = min(m, key=lambda n: m[n]["train_seconds"])
+    slowest = max(m, key=lambda n: m[n]["train_seconds"])
+    quick = min(m, key=lambda n: m[n]["seconds_per_image_batch1"])
+    slow = max(m, key=lambda n: m[n]["seconds_per_image_batch1"])
+    text = ("Training: " + ", ".join(f"{n.upper()} {m[n]['train_seconds']:.0f} s ({m[n]['epochs']} epochs, "
+                                     f"{m[n]['train_images_per_second']:.0f} images/s)" for n in m) + ". ")
+    text += (f"{slowest.upper()} costs {m[slowest]['train_seconds'] / m[fastest]['train_seconds']:.1f}x the "
+             f"training time of {fastest.upper()}. One image at batch 1 takes "
+             + ", ".join(f"{n.upper()} {1000 * m[n]['seconds_per_image_batch1']:.2f} ms" for n in m)
+             + f": {slow.upper()} ({m[slow]['sampler']}) is "
+             f"{m[slow]['seconds_per_image_batch1'] / m[quick]['seconds_per_image_batch1']:.0f}x slower than "
+             f"{quick.upper()}. Parameters: " + ", ".join(f"{n.upper()} {m[n]['parameters']:,}" for n in m) + ". ")
+    if all(m[n]["peak_memory_mb"] for n in m):
+        text += (f"Peak memory ({m[fastest]['peak_memory_kind']}): "
+                 + ", ".join(f"{n.upper()} {m[n]['peak_memory_mb']:.0f} MB" for n in m) + ".")
+    else:
+        text += "Peak memory: not measurable on this platform (no CUDA and no /proc), left out of the score."
+    return text
+
+
+def stability_text(results: dict) -> str:
+    m, real = results["models"], results["real_test"]
     collapsed = [n for n in m if m[n]["coverage"] < 0.9 or m[n]["smallest_class_share"] < 0.02]
-    lines.append("Stability: class coverage " + ", ".join(
-        f"{n.upper()} {m[n]['coverage']:.3f}" for n in m) + f" (real {real['coverage']:.3f}); " +
-        (f"signs of mode collapse in {', '.join(n.upper() for n in collapsed)} "
-         f"(coverage below 0.9 or a digit under 2% of samples)." if collapsed else
-         "no model shows mode collapse (every digit at least 2% of samples, coverage at least 0.9)."))
-    return "\n\n".join(lines)
+    text = ("Class coverage " + ", ".join(f"{n.upper()} {m[n]['coverage']:.3f}" for n in m)
+            + f" (real {real['coverage']:.3f}); recall " + ", ".join(f"{n.upper()} {m[n]['recall']:.2f}" for n in m)
+            + f" (real {real['recall']:.2f}). ")
+    text += (f"Signs of mode collapse in {', '.join(n.upper() for n in collapsed)}: coverage below 0.9 or a digit "
+             "under 2% of the samples (" + ", ".join(f"{n.upper()} smallest class {100 * m[n]['smallest_class_share']:.1f}%"
+                                                      for n in collapsed) + "). "
+             if collapsed else "No model shows mode collapse (every digit at least 2% of samples, coverage at least 0.9). ")
+    for n in m:
+        curve = m[n]["epoch_fid"]
+        best = int(np.argmin(curve))
+        rises = sum(1 for a, b in zip(curve, curve[1:]) if b > a)
+        text += (f"{n.upper()}: FID per epoch {curve[0]:.1f} -> {curve[-1]:.1f}, best at epoch {best + 1} of "
+                 f"{len(curve)}, {rises} rise(s) between epochs. ")
+    for n in ("gan", "cgan"):
+        if n in m:
+            loss = m[n]["final_epoch_loss"]
+            text += f"{n.upper()} last-epoch losses: G {loss['G']:.2f}, D {loss['D']:.2f}. "
+    spread = results.get("seed_spread")
+    if spread:
+        text += ("Over seeds " + ", ".join(map(str, next(iter(spread.values()))["seeds"])) + ", classifier-FID mean ± sd: "
+                 + ", ".join(f"{n.upper()} {s['summary']['fid']['mean']:.1f} ± {s['summary']['fid']['std']:.1f}"
+                             for n, s in spread.items()) + ".")
+    return text.strip()
+
+
+REPORT_FIGURES = [
+    ("comparison.png", "Ten samples from each model"), ("cgan_grid.png", "cGAN: each row asks for one digit"),
+    ("scores_3d.png", "Clarity, stability and controllability; efficiency as colour and size"),
+    ("scores_radar.png", "The four scores"), ("epoch_fid.png", "Classifier-FID after every epoch"),
+    ("controllability.png", "Per-digit success of one attempt; confusion matrices"),
+    ("loss_curves.png", "Training losses"), ("vae_latent_3d.png", "VAE latent space (3 principal components)"),
+    ("ddpm_samples_ancestral.png", "DDPM with the 1000-step ancestral sampler"),
+    ("ddpm_design.png", "DDPM design study")]
+
+
+def report_markdown(results: dict, table: pd.DataFrame) -> str:
+    cfg, env = results["config"], results["environment"]
+    scores = pd.DataFrame(results["scores"]).T
+    out = Path(cfg["out"])
+    lines = [
+        "# VAE, GAN, cGAN and DDPM on MNIST: measured comparison", "",
+        f"Generated by `mnist_generative_models_complete.py` from the numbers of this run: profile "
+        f"`{cfg['profile']}`, seed {cfg['seed']}, {env['device']}" + (f" ({env['gpu']})" if "gpu" in env else "")
+        + f", torch {env['torch']}, {env['threads']} threads, {cfg['n_samples']} samples per model against as "
+        f"many MNIST test digits, total {results['total_seconds'] / 60:.1f} min. Epochs: "
+        + ", ".join(f"{n.upper()} {m['epochs']}" for n, m in results["models"].items()) + ".", "",
+        f"The evaluator behind every metric is a CNN trained in the run: test accuracy "
+        f"{100 * results['evaluator']['test_accuracy']:.2f}%. Classifier-FID uses its features, so it is "
+        "not comparable with published (Inception) FIDs.", "",
+        "## Scores (0 = worst, 1 = best)", "", markdown_table(scores), "",
+        *[f"* **{axis}**: {formula}" for axis, formula in SCORE_FORMULAS.items()], "",
+        "## Measured numbers", "", "Raw numbers, one column per model (names as in `metrics.csv`).", "",
+        markdown_table(table.T), "",
+        "## Analysis", "",
+        "**Clarity.** " + clarity_text(results), "",
+        "**Controllability.** " + control_text(results), "",
+        "**Efficiency.** " + efficiency_text(results), "",
+        "**Stability.** " + stability_text(results), "",
+        "## Figures", ""]
+    for name, caption in REPORT_FIGURES:
+        if (out / name).is_file():
+            lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]
+    missing = [f"{n.upper()}: peak memory ({'no CUDA and no /proc'})" for n, m in results["models"].items()
+               if m["peak_memory_mb"] is None]
+    if missing:
+        lines += ["## Not measured", "", *[f"* {x}" for x in missing], ""]
+    return "\n".join(lines)
 
 
 # %% [markdown]
@@ -1376,7 +1973,8 @@ def ddpm_design_study(cfg: Config, train, ref_feats, evaluator, device, out: Pat
                                    max_batches=steps_per_eval)
         points = []
 
-        def measure(net, sched, steps_done):
+        def measure(nets, steps_done):
+            net, _, sched = nets
             gen = torch.Generator(device).manual_seed(cfg.seed + 1)
             with autocast(vcfg, device):
                 x = sample_ddim(net, sched, n_eval, gen, device, 50, progress=False)
@@ -1418,7 +2016,7 @@ if RUN:
     asked_profile = os.environ.get("MNIST_GEN_PROFILE") or any(
         a.startswith("--profile") for a in sys.argv[1:] if not IN_KERNEL)
     if not asked_profile and cfg.profile == "cpu":
-        print("No CUDA GPU: running the 'cpu' profile (about 25 minutes on 2 cores). "
+        print("No CUDA GPU: running the 'cpu' profile (about 30 minutes on 2 cores). "
               "For the assignment's 30 epochs use --profile full (or MNIST_GEN_PROFILE=full).")
     print(json.dumps(dataclasses.asdict(cfg)))
     try:
@@ -1427,10 +2025,16 @@ if RUN:
         if IN_KERNEL:
             raise
         sys.exit(f"error: {err}")
-    table = analysis_table(results)
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    table = metrics_table(results)
+    analysis = "\n\n".join(f"{axis}: {text(results)}" for axis, text in (
+        ("Clarity", clarity_text), ("Controllability", control_text),
+        ("Efficiency", efficiency_text), ("Stability", stability_text)))
+    print("scores (0-1, formulas in section 12):")
+    print(pd.DataFrame(results["scores"]).T.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(table.T.to_string(float_format=lambda v: f"{v:.4g}"))  # one column per model
     print()
-    print(analysis_text(results))
+    print(analysis)
+    print(f"\nwritten: {Path(cfg.out) / 'REPORT.md'}, metrics.csv, metrics.json, results.json")
 
 # %% [markdown]
 # ## 15. Assignment checklist
@@ -1494,11 +2098,13 @@ def checklist(cfg: Config, results: dict) -> list:
           not missing and all(s[0] >= 10 and s[1:] == (28, 28) for s in shapes.values()),
           f"missing {missing}" if missing else f"{len(wanted)} figures; samples {shapes}")
     axes = ["clarity", "control", "efficiency", "stability"]
-    analysis = results.get("analysis", {})
-    check("8 analysis: clarity, controllability, efficiency, stability",
-          all(m in analysis for m in ran) and all(
-              any(k.startswith(a) and np.isfinite(v) for k, v in analysis[m].items()) for m in ran for a in axes),
-          "table rows " + ", ".join(analysis))
+    analysis, scores = results.get("analysis", {}), results.get("scores", {})
+    written = [f for f in ("REPORT.md", "metrics.csv", "metrics.json") if (out / f).is_file()]
+    check("8 analysis: clarity, controllability, efficiency, stability, measured and scored 0-1",
+          all(m in analysis and m in scores for m in ran) and len(written) == 3
+          and all(0 <= scores[m][a] <= 1 for m in ran for a in axes)
+          and all(any(k.startswith(a) and np.isfinite(v) for k, v in analysis[m].items()) for m in ran for a in axes),
+          f"scores and table rows for {', '.join(scores)}; wrote {', '.join(written)}")
     not_run = [m for m in ALL_MODELS if m not in ran]
     if not_run:
         print(f"not checked (models not run): {', '.join(not_run)}")

@@ -7,13 +7,16 @@ import sys
 import jupytext
 import nbformat
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from conftest import NOTEBOOK, ROOT, SCRIPT
 
 FIGURES = ["vae_samples.png", "gan_samples.png", "cgan_grid.png", "ddpm_samples.png",
-           "comparison.png", "loss_curves.png"]
+           "comparison.png", "loss_curves.png", "epoch_fid.png", "controllability.png",
+           "scores_3d.png", "scores_radar.png", "vae_latent_3d.png"]
+AXES = ("clarity", "control", "stability", "efficiency")
 
 
 def check_outputs(out, n_samples):
@@ -39,7 +42,27 @@ def check_outputs(out, n_samples):
     for name, m in results["models"].items():
         assert m["train_seconds"] > 0 and m["parameters"] > 0 and np.isfinite(m["fid"]), name
         assert len(results["histories"][name]["epoch"]["G" if "gan" in name else "loss"]) == 1
+        assert len(m["epoch_fid"]) == 1 and m["seconds_per_image_batch1"] > 0 and m["peak_memory_mb"] > 0
+    check_metrics_files(out, {"vae", "gan", "cgan", "ddpm"})
     return results
+
+
+def check_metrics_files(out, models):
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["scores"]) == models
+    assert all(0 <= metrics["scores"][m][a] <= 1 for m in models for a in AXES)
+    env = metrics["environment"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["seed"] == 42
+    assert {"profile", "n_samples", "threads"} <= set(env) and set(metrics["score_formulas"]) == set(AXES)
+    table = pd.read_csv(out / "metrics.csv", index_col="model")
+    assert set(table.index) == models | {"real MNIST"}
+    for column in ("clarity_fid", "clarity_inception_score", "clarity_precision", "stability_recall",
+                   "control_score", "efficiency_ms_per_image_batch1", "efficiency_peak_memory_mb"):
+        assert table.loc[sorted(models), column].notna().all(), column
+    report = (out / "REPORT.md").read_text()
+    for heading in ("**Clarity.**", "**Controllability.**", "**Efficiency.**", "**Stability.**"):
+        assert heading in report
+    assert "![" in report and "nan" not in report.lower()
 
 
 def test_script_smoke_run(tiny_mnist, tmp_path):
@@ -51,6 +74,22 @@ def test_script_smoke_run(tiny_mnist, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "assignment checklist: all items met" in proc.stdout
     check_outputs(out, 30)
+
+
+def test_script_repeats_seeds_and_reports_the_spread(tiny_mnist, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--profile", "smoke", "--data-root", str(tiny_mnist),
+         "--out", str(out), "--models", "vae,cgan", "--seeds", "2"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    spread = json.loads((out / "results.json").read_text())["seed_spread"]
+    assert set(spread) == {"vae", "cgan"}
+    for s in spread.values():
+        assert s["seeds"] == [42, 43] and len(s["fid"]) == 2 and s["summary"]["fid"]["std"] >= 0
+    table = pd.read_csv(out / "metrics.csv", index_col="model")
+    assert table.loc[["vae", "cgan"], "stability_seed_fid_std"].notna().all()
+    check_metrics_files(out, {"vae", "cgan"})
 
 
 @pytest.mark.parametrize("args, message", [

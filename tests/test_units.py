@@ -1,5 +1,6 @@
 """Unit tests of the notebook's definitions: shapes, losses, the diffusion maths, configuration."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -149,22 +150,132 @@ def test_balanced_labels(nb):
     assert counts.tolist() == [100] * 10
 
 
-def test_metrics_known_cases(nb):
+def test_fid_known_cases(nb):
     rng = np.random.default_rng(0)
     a = rng.normal(size=(2000, 8))
     assert nb.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     assert nb.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=0.02)  # |shift|^2 = 8
-    perfect = torch.eye(10).repeat(10, 1)  # asks 0..9, gets exactly them
-    stats = nb.sample_stats(perfect, asked=torch.arange(100) % 10)
-    assert stats["control_accuracy"] == 1.0 and stats["coverage"] == pytest.approx(1.0)
-    collapsed = torch.zeros(100, 10)
-    collapsed[:, 3] = 1  # always a 3
-    stats = nb.sample_stats(collapsed, asked=torch.arange(100) % 10)
-    assert stats["control_accuracy"] == pytest.approx(0.1) and stats["coverage"] == 0.0
-    assert nb.sample_stats(collapsed)["draws_per_chosen_digit"] is None
-    assert nb.sample_stats(perfect)["draws_per_chosen_digit"] == pytest.approx(10.0)
+    assert nb.frechet_distance(a, a + 2.0) > nb.frechet_distance(a, a + 1.0)
     blank, noisy = np.zeros((2, 28, 28), np.uint8), rng.integers(0, 256, (2, 28, 28)).astype(np.uint8)
     assert nb.sharpness(blank) == 0 and nb.sharpness(noisy) > 0.2
+
+
+def test_precision_recall_known_cases(nb):
+    rng = np.random.default_rng(0)
+    real, again = rng.normal(size=(1000, 4)), rng.normal(size=(1000, 4))
+    precision, recall = nb.precision_recall(real, again)
+    assert precision > 0.95 and recall > 0.95  # two draws of the same distribution
+    precision, recall = nb.precision_recall(real, again + 3.0)
+    assert precision < 0.1 and recall < 0.1  # moved away: neither realistic nor covering
+    narrow = rng.normal(size=(1000, 4)) * 0.3  # realistic but covers only the centre
+    precision, recall = nb.precision_recall(real, narrow)
+    assert precision > 0.9 and recall < 0.5
+
+
+def test_inception_score_and_class_stats(nb):
+    balanced = torch.eye(10).repeat(10, 1)  # confident and every digit equally often
+    assert nb.inception_score(balanced) == pytest.approx(10.0, rel=1e-6)
+    one_class = torch.zeros(100, 10)
+    one_class[:, 3] = 1
+    assert nb.inception_score(one_class) == pytest.approx(1.0)
+    assert nb.inception_score(torch.full((100, 10), 0.1)) == pytest.approx(1.0)  # unsure
+    stats = nb.class_stats(balanced)
+    assert stats["coverage"] == pytest.approx(1.0) and stats["smallest_class_share"] == pytest.approx(0.1)
+    stats = nb.class_stats(one_class)
+    assert stats["coverage"] == 0.0 and stats["smallest_class_share"] == 0.0
+
+
+class BarOracle(torch.nn.Module):
+    """An exact classifier for the tests' fake digits (a bar at row 4 + 2y): reads which rows hold ink."""
+
+    def __init__(self):
+        super().__init__()
+        self.read = torch.nn.Linear(28, 10, bias=False)
+        with torch.no_grad():
+            self.read.weight.zero_()
+            for y in range(10):
+                self.read.weight[y, 4 + 2 * y] = 50.0
+
+    def features(self, x):
+        return x.mean(3).flatten(1)  # ink per row
+
+    def forward(self, x):
+        return self.read(self.features(x))
+
+
+def test_controllability_of_obedient_and_deaf_generators(nb):
+    from conftest import fake_digits
+
+    oracle = BarOracle()
+    asked = nb.balanced_labels(1000)
+    obedient = np.stack([fake_digits(10, seed=0)[0][d] for d in asked.tolist()])  # sample i is digit asked[i]
+    matrix = nb.confusion(asked, nb.predict(oracle, obedient))
+    control = nb.control_from_hits(np.diag(matrix), "asked", matrix)
+    assert np.allclose(matrix, np.eye(10)) and control["score"] == 1.0 and control["attempts_per_digit"] == 1.0
+    deaf, _ = fake_digits(1000, seed=1)
+    deaf = deaf[np.random.default_rng(2).permutation(1000)]  # every digit, whatever was asked
+    matrix = nb.confusion(asked, nb.predict(oracle, deaf))
+    control = nb.control_from_hits(np.diag(matrix), "asked", matrix)
+    assert control["hit_rate"] == pytest.approx(0.1, abs=0.03)
+    assert 0.05 < control["score"] < 0.12  # chance: about 10 attempts per digit
+    never_a_three = np.diag(matrix).copy()
+    never_a_three[3] = 0
+    assert nb.control_from_hits(never_a_three, "x")["score"] == 0.0
+
+
+def fake_model_metrics(rng):
+    curve = list(rng.uniform(1, 500, size=rng.integers(1, 8)))
+    return {"fid": rng.uniform(0.01, 1000), "precision": rng.uniform(), "recall": rng.uniform(),
+            "sharpness": rng.uniform(0, 0.5), "coverage": rng.uniform(), "smallest_class_share": rng.uniform(0, 0.1),
+            "epoch_fid": curve, "train_seconds": rng.uniform(0.1, 5000), "seconds_per_image": rng.uniform(1e-6, 10),
+            "seconds_per_image_batch1": rng.uniform(1e-5, 100), "peak_memory_mb": rng.uniform(10, 1e5),
+            "control": nb_control(rng)}
+
+
+def nb_control(rng):
+    return {"score": 1 / np.mean(1 / rng.uniform(0.001, 1, 10))}
+
+
+def test_scores_stay_in_unit_interval(nb):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        models = {n: fake_model_metrics(rng) for n in ("vae", "gan", "cgan", "ddpm")}
+        real = {"fid_floor": rng.uniform(0.01, 100), "sharpness": rng.uniform(0.01, 0.5)}
+        scores = nb.axis_scores({"models": models, "real_test": real})
+        for s in scores.values():
+            assert all(0.0 <= s[a] <= 1.0 for a in ("clarity", "control", "stability", "efficiency")), s
+    m = fake_model_metrics(rng)
+    best = dict(m, fid=1.0, precision=1.0, sharpness=0.1, coverage=1.0, recall=1.0,
+                smallest_class_share=0.1, epoch_fid=[5.0, 2.0])
+    assert nb.clarity_score(best, {"fid_floor": 1.0, "sharpness": 0.1}) == pytest.approx(1.0)
+    assert nb.stability_score(best) == pytest.approx(1.0)
+    assert nb.stability_score(dict(best, epoch_fid=[2.0, 4.0])) == pytest.approx(0.875)  # ended at twice its best
+    costs = {"a": dict(m, train_seconds=1, seconds_per_image=1, seconds_per_image_batch1=1, peak_memory_mb=1),
+             "b": dict(m, train_seconds=10, seconds_per_image=10, seconds_per_image_batch1=10, peak_memory_mb=10)}
+    assert nb.efficiency_scores(costs) == pytest.approx({"a": 1.0, "b": 0.5})
+
+
+def test_peak_memory_sees_an_allocation(nb):
+    with nb.PeakMemory(torch.device("cpu")) as small:
+        time.sleep(0.05)
+    with nb.PeakMemory(torch.device("cpu")) as big:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        time.sleep(0.05)
+        del block
+    if small.mb is None:
+        pytest.skip("no /proc on this platform")
+    assert big.mb >= small.mb + 50
+
+
+def test_vae_steering_draws_the_asked_class_codes(nb):
+    torch.manual_seed(0)
+    vae = nb.VAE(4).eval()
+    images = torch.randint(0, 256, (200, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(200) % 10
+    means, stds = nb.vae_class_codes(vae, images, labels)
+    assert means.shape == stds.shape == (10, 4)
+    steered = nb.vae_steer(vae, means, stds, torch.tensor([3, 3, 7]), torch.Generator().manual_seed(0))
+    assert steered.shape == (3, 28, 28) and steered.dtype == np.uint8
 
 
 # --- configuration -------------------------------------------------------------------
