@@ -34,7 +34,10 @@ def check_outputs(out, n_samples):
             else:
                 assert "labels" not in data.files
         state = torch.load(out / "checkpoints" / f"{name}.pt", weights_only=True)
-        assert all(isinstance(v, dict) for k, v in state.items() if k != "config")
+        assert state["model"] == name and state["finished"] and state["epoch"] == 1
+        nets = {"vae": ["vae"], "gan": ["generator", "discriminator"], "cgan": ["generator", "discriminator"],
+                "ddpm": ["unet", "unet_ema"]}[name]
+        assert all(isinstance(state[k], dict) and state[k] for k in nets)
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"vae", "gan", "cgan", "ddpm"}
     assert results["config"]["seed"] == 42 and results["environment"]["torch"] == torch.__version__
@@ -90,6 +93,29 @@ def test_script_repeats_seeds_and_reports_the_spread(tiny_mnist, tmp_path):
     table = pd.read_csv(out / "metrics.csv", index_col="model")
     assert table.loc[["vae", "cgan"], "stability_seed_fid_std"].notna().all()
     check_metrics_files(out, {"vae", "cgan"})
+
+
+BENCH_FIELDS = {"parameters", "step_seconds_median", "train_images_per_second", "epoch_seconds_estimate",
+                "seconds_per_image", "sample_batch", "peak_memory_mb"}
+
+
+def test_benchmark_writes_every_field(tiny_mnist, tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--benchmark", "--profile", "smoke", "--data-root", str(tiny_mnist),
+         "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert {"device", "torch", "threads"} <= set(bench["environment"])
+    assert set(bench["models"]) == {"vae", "gan", "cgan", "ddpm", "evaluator"}
+    for name, row in bench["models"].items():
+        assert BENCH_FIELDS <= set(row), (name, BENCH_FIELDS - set(row))
+        assert all(row[f] > 0 for f in BENCH_FIELDS), name
+    assert bench["models"]["ddpm"]["ancestral_seconds_per_image"] > 0 and bench["models"]["ddpm"]["ddim_steps"] == 5
+    data = bench["data_path"]
+    assert data["naive_dataloader_seconds"] > 0 and data["project_seconds"] > 0 and data["speedup"] > 0
+    assert all("measured" in t and "met" in t for t in bench["targets"].values())
+    assert not (out / "results.json").exists()  # the benchmark replaces the run, it does not add to it
 
 
 @pytest.mark.parametrize("args, message", [

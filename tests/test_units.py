@@ -302,11 +302,40 @@ def test_profiles_and_overrides(nb):
     (["--sampler", "euler"], "use ddim or ancestral"),
     (["--n-samples", "5"], "at least 10"),
     (["--ddim-steps", "5000"], "ddim_steps"),
-    (["--amp", "maybe"], "use auto, on or off"),
+    (["--amp", "maybe"], "use auto, bf16, fp16 or off"),
+    (["--compile"], "compile is for CUDA"),
+    (["--seeds", "0"], "seeds must be 1"),
+    (["--epoch-fid-samples", "3"], "epoch_fid_samples"),
+    (["--epoch-fid-ddim-steps", "0"], "epoch_fid_ddim_steps"),
+    (["--benchmark", "sometimes"], "valid switch"),
 ])
 def test_bad_settings_fail_with_a_message(nb, argv, message):
     with pytest.raises(nb.SetupError, match=message):
         nb.make_config(["--profile", "smoke"] + argv, env={})
+
+
+def test_fp16_steps_scale_the_loss(nb):
+    """The path older GPUs take (fp16 autocast + GradScaler), exercised on the CPU."""
+    cfg = nb.make_config(["--profile", "smoke", "--amp", "fp16"], env={})
+    device = torch.device("cpu")
+    images, labels = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.arange(16) % 10
+    for name in nb.ALL_MODELS:
+        torch.manual_seed(0)
+        trainer = nb.make_trainer(name, cfg, device)
+        before = [p.detach().clone() for p in trainer.modules[0].parameters()]
+        for _ in range(8):  # the scaler may skip the first steps while it finds a scale without overflow
+            losses = trainer.step(images, labels)
+        assert all(torch.isfinite(v) for v in losses.values()), name
+        scalers = [v for v in trainer.parts.values() if isinstance(v, nb.LossScaler)]
+        assert scalers and all(s.scaler is not None for s in scalers), name
+        assert any(not torch.equal(a, b) for a, b in zip(before, trainer.modules[0].parameters())), name
+
+
+def test_benchmark_switch(nb):
+    assert nb.make_config(["--benchmark"], env={}).benchmark is True
+    assert nb.make_config(["--benchmark", "0"], env={}).benchmark is False
+    assert nb.make_config([], env={"MNIST_GEN_BENCHMARK": "yes"}).benchmark is True
+    assert nb.make_config([], env={}).benchmark is False
 
 
 def test_bad_environment_value(nb):
