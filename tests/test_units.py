@@ -124,6 +124,16 @@ def test_ddpm_loss_weighting(nb):
     assert (torch.clamp(snr, max=5) / snr)[-1].item() == pytest.approx(1.0)  # noisy steps keep weight 1
 
 
+def test_attention_matches_torch_sdpa(nb):
+    torch.manual_seed(0)
+    attention = nb.SelfAttention(64, heads=4).eval()
+    x = torch.randn(3, 64, 7, 7)
+    q, k, v = attention.qkv(attention.norm(x)).reshape(3, 3, 4, 16, 49).unbind(1)
+    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    expected = x + attention.proj(out.transpose(-1, -2).reshape(3, 64, 7, 7))
+    assert torch.allclose(attention(x), expected, atol=1e-5)
+
+
 def test_ema_tracks_weights(nb):
     model = torch.nn.Linear(2, 2)
     ema = nb.EMA(model, decay=0.9)
