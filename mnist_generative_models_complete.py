@@ -1080,10 +1080,12 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "CUDA peak allocated"
             return self
         import threading
         self._stop, self._peak = threading.Event(), rss_mb()
         if self._peak is not None:
+            self.kind = "process resident memory, peak"
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
         return self
@@ -1100,11 +1102,11 @@ class PeakMemory:
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            self.mb, self.kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "CUDA peak allocated"
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         elif self._peak is not None:
             self._stop.set()
             self._thread.join()
-            self.mb, self.kind = max(self._peak, rss_mb() or 0.0), "process resident memory, peak"
+            self.mb = max(self._peak, rss_mb() or 0.0)
         return False
 
 

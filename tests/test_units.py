@@ -326,19 +326,22 @@ def test_bad_settings_fail_with_a_message(nb, argv, message):
 
 def test_fp16_steps_scale_the_loss(nb):
     """The path older GPUs take (fp16 autocast + GradScaler), exercised on the CPU."""
-    cfg = nb.make_config(["--profile", "smoke", "--amp", "fp16"], env={})
+    cfg = nb.make_config(["--profile", "smoke", "--amp", "fp16", "--ddpm-width", "16"], env={})  # CPU fp16 is slow
     device = torch.device("cpu")
-    images, labels = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.arange(16) % 10
+    images, labels = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), torch.arange(4)
     for name in nb.ALL_MODELS:
         torch.manual_seed(0)
         trainer = nb.make_trainer(name, cfg, device)
-        before = [p.detach().clone() for p in trainer.modules[0].parameters()]
-        for _ in range(8):  # the scaler may skip the first steps while it finds a scale without overflow
-            losses = trainer.step(images, labels)
-        assert all(torch.isfinite(v) for v in losses.values()), name
         scalers = [v for v in trainer.parts.values() if isinstance(v, nb.LossScaler)]
         assert scalers and all(s.scaler is not None for s in scalers), name
-        assert any(not torch.equal(a, b) for a, b in zip(before, trainer.modules[0].parameters())), name
+        before = [p.detach().clone() for p in trainer.modules[0].parameters()]
+        for _ in range(8):  # the scaler skips steps whose scaled gradients overflow, then lowers its scale
+            losses = trainer.step(images, labels)
+            assert all(torch.isfinite(v) for v in losses.values()), name
+            if any(not torch.equal(a, b) for a, b in zip(before, trainer.modules[0].parameters())):
+                break
+        else:
+            raise AssertionError(f"{name}: no fp16 step was taken in 8 tries")
 
 
 def test_benchmark_switch(nb):
