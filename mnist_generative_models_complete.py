@@ -1473,7 +1473,7 @@ def confusion(asked, probs: torch.Tensor) -> np.ndarray:
 
 def control_from_hits(p_d, method: str, matrix=None) -> dict:
     """p_d = probability that one attempt yields digit d. Expected attempts per chosen digit:
-    mean_d 1/p_d (infinite when some digit never comes); control score: its inverse."""
+    mean_d 1/p_d (None when some digit never comes, and then the score is 0); control score: its inverse."""
     p_d = np.asarray(p_d, dtype=float)
     attempts = float(np.mean(1 / p_d)) if (p_d > 0).all() else None  # None: some digit never comes
     return {"method": method, "per_class_hit": p_d.tolist(), "hit_rate": float(p_d.mean()),
@@ -2273,7 +2273,7 @@ def ddpm_design_study(cfg: Config, train, ref_feats, evaluator, device, out: Pat
 # (one uint8 tensor, batches by indexing), and writes everything to `benchmark.json`.
 
 # %%
-BENCH_REFERENCE = {  # a slower public design re-created at batch 128 on 2 CPU cores (issue figures)
+BENCH_REFERENCE = {  # the best-known public notebook's DDPM step, re-created at batch 128 on 2 CPU cores, and our targets
     "ddpm_step_seconds": 4.2, "ddpm_step_target_seconds": 0.3, "ddim50_1000_samples_target_seconds": 45.0}
 
 
