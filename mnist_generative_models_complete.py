@@ -99,6 +99,7 @@ class Config:
     out: str = "outputs"  # where figures, samples, checkpoints and results.json go
     drive: str = ""  # Colab: a Google Drive folder (e.g. MyDrive/mnist-gen) that holds `out`, so a disconnect loses nothing
     resume: bool = False  # continue each model from its last per-epoch checkpoint in out/checkpoints; finished ones are loaded
+    pretrained: bool = False  # train nothing: load each model's finished checkpoint from out/checkpoints, redo samples, figures, metrics
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     seed: int = 42  # one seed for python, numpy, torch and the data order
     batch_size: int = 128  # fixed by the assignment for every model
@@ -158,7 +159,7 @@ def profile_defaults(profile: str) -> dict:
 # Settings a user may change, with their types: `--n-samples` on the command line,
 # `MNIST_GEN_N_SAMPLES` in the environment.
 OVERRIDES = {
-    "models": str, "epochs": int, "data_root": str, "out": str, "drive": str, "resume": bool,
+    "models": str, "epochs": int, "data_root": str, "out": str, "drive": str, "resume": bool, "pretrained": bool,
     "device": str, "seed": int,
     "n_samples": int, "amp": str, "compile": bool, "sampler": str, "ddim_steps": int, "max_batches": int,
     "ancestral_preview": int, "ddpm_width": int, "ddpm_lr": float, "ddpm_min_snr": float,
@@ -1144,7 +1145,7 @@ def fit(trainer, data, cfg: Config, epochs: int, after_epoch=None, gen: torch.Ge
 NOT_TRAINING_FIELDS = {"profile", "models", "data_root", "out", "device", "n_samples", "sampler", "ddim_steps",
                        "ancestral_preview", "ddpm_study_steps", "eval_epochs", "epoch_fid_samples",
                        "epoch_fid_ddpm_samples", "epoch_fid_ddim_steps", "seeds", "benchmark", "epochs",
-                       "resume", "drive"}
+                       "resume", "drive", "pretrained"}
 
 
 def training_state(trainer, hist: History, gen: torch.Generator, epochs: int, cfg: Config) -> dict:
@@ -1650,6 +1651,42 @@ def plot_radar(scores: dict, path: Path):
 
 
 @torch.inference_mode()
+def plot_vae_reconstructions(vae: VAE, test, path: Path, pairs: int = 4, steps: int = 10) -> float:
+    """Top: ten test digits and their reconstructions (decoded mu). Below: straight lines in z between
+    pairs of test digits, decoded. Returns the mean BCE per image of 1,000 test reconstructions."""
+    device = next(vae.parameters()).device
+    x = to_unit(test[0][:1000].to(device))
+    mu, _ = vae.encode(x)
+    recon = torch.sigmoid(vae.decode_logits(mu).float())
+    bce = float(F.binary_cross_entropy(recon, x, reduction="sum") / len(x))
+    ends = mu[10:10 + 2 * pairs].reshape(pairs, 2, -1)  # pairs of codes (z_a, z_b)
+    w = torch.linspace(0, 1, steps, device=device)[None, :, None]
+    z = (1 - w) * ends[:, :1] + w * ends[:, 1:]  # z = (1 - w) z_a + w z_b
+    lines = to_uint8(torch.sigmoid(vae.decode_logits(z.reshape(pairs * steps, -1)).float()), signed=False)
+    fig, axes = plt.subplots(2, 1, figsize=(10, 2.2 + 1.0 * pairs), gridspec_kw={"height_ratios": [2, pairs]})
+    image_grid(axes[0], np.concatenate([to_uint8(x[:10], False), to_uint8(recon[:10], False)]), 2, 10,
+               f"VAE: test digits (top) and their reconstructions (mean BCE {bce:.1f} per image)")
+    image_grid(axes[1], lines, pairs, steps, "latent interpolation: z = (1 - w) z_a + w z_b, w from 0 to 1")
+    show(fig, path)
+    return bce
+
+
+def plot_annotated(samples: dict, evaluator, path: Path):
+    """Ten samples per model, each titled with the evaluator's predicted digit and its confidence."""
+    fig, axes = plt.subplots(len(samples), 10, figsize=(10, 1.25 * len(samples) + 0.3), squeeze=False)
+    for row, (name, images) in zip(axes, samples.items()):
+        probs = predict(evaluator, images[:10])
+        for ax, image, p in zip(row, images[:10], probs):
+            ax.imshow(255 - image, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{int(p.argmax())} ({float(p.max()):.2f})", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(name.upper(), fontsize=9)
+    fig.suptitle("What the evaluator sees: predicted digit (confidence)", y=1.0)
+    show(fig, path)
+
+
+@torch.inference_mode()
 def plot_vae_latent_3d(vae: VAE, test, path: Path, n: int = 5000) -> list:
     """The encoder's mu of n test digits projected on their first three principal components.
     Returns the share of the codes' variance each component explains."""
@@ -1708,10 +1745,19 @@ def epoch_fid_tracker(name: str, cfg: Config, device, evaluator, ref_feats):
 
 
 def train_model(name: str, train, cfg: Config, device, after_epoch=None, checkpoint: Path | None = None):
-    """Train one model from seed cfg.seed, saving (and with cfg.resume, resuming from) `checkpoint`."""
+    """Train one model from seed cfg.seed, saving (and with cfg.resume, resuming from) `checkpoint`.
+    With cfg.pretrained the checkpoint must hold the finished model, which is loaded, not trained."""
+    if cfg.pretrained:
+        fix = f"run once without --pretrained to train it (or with --resume to finish it) into {cfg.out}"
+        if checkpoint is None or not checkpoint.exists():
+            raise SetupError(f"--pretrained: no checkpoint of {name} at {checkpoint}: {fix}")
+        saved = load_checkpoint(checkpoint, name, cfg, cfg.model_epochs(name))
+        if saved["epoch"] < cfg.model_epochs(name):
+            raise SetupError(f"--pretrained: {checkpoint} holds {saved['epoch']} of {cfg.model_epochs(name)} "
+                             f"epochs of {name}: {fix}")
     seed_everything(cfg.seed)  # every model starts from the same seed, whichever ran before
     return fit(make_trainer(name, cfg, device), train, cfg, cfg.model_epochs(name), after_epoch,
-               checkpoint=checkpoint, resume=cfg.resume)
+               checkpoint=checkpoint, resume=cfg.resume or cfg.pretrained)
 
 
 def export_samples(name: str, nets, cfg: Config, device, out: Path):
@@ -1898,6 +1944,9 @@ def run(cfg: Config) -> dict:
     results["scores"] = axis_scores(results)
     if "vae" in nets_by_name:
         results["vae_latent_pca_variance"] = plot_vae_latent_3d(nets_by_name["vae"], test, out / "vae_latent_3d.png")
+        results["models"]["vae"]["test_reconstruction_bce"] = plot_vae_reconstructions(
+            nets_by_name["vae"], test, out / "vae_reconstructions.png")
+    plot_annotated(samples, evaluator, out / "annotated_samples.png")
     draw_comparison_figures(results, out)
     if cfg.seeds > 1:
         results["seed_spread"] = seed_spread(cfg, train, device, out, evaluator, ref_feats, results)
@@ -2168,6 +2217,8 @@ REPORT_FIGURES = [
     ("controllability.png", "Per-digit success of one attempt; confusion matrices"),
     ("loss_curves.png", "Training losses"), ("vae_latent_3d.png", "VAE latent space (3 principal components)"),
     ("ddpm_samples_ancestral.png", "DDPM with the 1000-step ancestral sampler"),
+    ("annotated_samples.png", "Samples with the evaluator's predicted digit and confidence"),
+    ("vae_reconstructions.png", "VAE reconstructions and latent interpolations"),
     ("ddpm_design.png", "DDPM design study")]
 
 

@@ -15,7 +15,8 @@ from conftest import NOTEBOOK, ROOT, SCRIPT
 
 FIGURES = ["vae_samples.png", "gan_samples.png", "cgan_grid.png", "ddpm_samples.png",
            "comparison.png", "loss_curves.png", "epoch_fid.png", "controllability.png",
-           "scores_3d.png", "scores_radar.png", "vae_latent_3d.png"]
+           "scores_3d.png", "scores_radar.png", "vae_latent_3d.png", "vae_reconstructions.png",
+           "annotated_samples.png"]
 AXES = ("clarity", "control", "stability", "efficiency")
 
 

@@ -156,3 +156,23 @@ def test_drive_setting_outside_colab_is_refused(nb):
     cfg = nb.make_config(["--drive", "MyDrive/x"], env={})
     with pytest.raises(nb.SetupError, match="Colab"):
         nb.use_drive(cfg)
+
+
+def test_pretrained_run_loads_and_redoes_everything(tiny_mnist, tmp_path):
+    out = tmp_path / "out"
+    args = ["--profile", "smoke", "--models", "vae,cgan", "--data-root", str(tiny_mnist), "--out", str(out)]
+    code, stdout, stderr = finish(script(args, tmp_path))
+    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    first = {name: samples(out, name) for name in ("vae", "cgan")}
+    for name in ("vae", "cgan"):
+        (out / "samples" / f"{name}.npz").unlink()
+    (out / "REPORT.md").unlink()
+    code, stdout, stderr = finish(script(args + ["--pretrained"], tmp_path))
+    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    assert "vae: resumed" in stdout and "cgan: resumed" in stdout and "epoch 1/1" not in stderr  # nothing trained
+    for name in ("vae", "cgan"):
+        assert np.array_equal(first[name], samples(out, name)), name
+    assert (out / "REPORT.md").is_file() and (out / "vae_reconstructions.png").is_file()
+    code, stdout, stderr = finish(script(["--profile", "smoke", "--models", "vae", "--data-root", str(tiny_mnist),
+                                          "--out", str(tmp_path / "empty"), "--pretrained"], tmp_path))
+    assert code != 0 and "--pretrained: no checkpoint of vae" in stderr and "Traceback" not in stderr
