@@ -564,8 +564,10 @@ def g_loss(fake_logits):
 #   self-attention layer at 7×7 for global shape) for less time per step. On our 2-core
 #   test machine (a Xeon with AMX bf16 units) one step took 0.32 s in float32 and 0.23 s
 #   with bfloat16 autocast and the channels-last layout, timed back to back; `amp="auto"`
-#   turns these on only on such CPUs (and on CUDA GPUs from Ampere on). Over whole runs
-#   the same machine averaged about 0.32 s per bf16 step, so expect some spread.
+#   turns these on only on such CPUs (and on CUDA GPUs from Ampere on). Writing the
+#   self-attention out (below) instead of calling PyTorch's fused kernel, whose CPU backward
+#   is slow for 49 pixels, brought whole `cpu` runs from about 0.33 s to 0.23 s per step;
+#   the machine varies by up to 30%, so expect some spread.
 # * **A higher learning rate with warm-up.** Adam at $10^{-3}$ after a 200-step linear
 #   warm-up, instead of the usual $2\cdot10^{-4}$ that assumes hundreds of thousands of steps.
 # * **EMA of the weights.** Sampling uses an exponential moving average of the weights
@@ -1062,6 +1064,18 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def time_calls(fn, warmup: int, repeats: int, device) -> list:
+    """Wall seconds of `repeats` calls of fn() after `warmup` untimed calls (GPU work included)."""
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def rss_mb():
     """This process's resident memory now (Linux), else None."""
     try:
@@ -1112,17 +1126,23 @@ class PeakMemory:
 
 
 def fit(trainer, data, cfg: Config, epochs: int, after_epoch=None, gen: torch.Generator | None = None,
-        checkpoint: Path | None = None, resume: bool = False):
+        checkpoint: Path | None = None, resume: bool = False, pretrained: bool = False):
     """Train for `epochs` over batches of 128 in the seeded order of `gen`; returns (nets, History).
     after_epoch(nets, steps_done), if given, runs after every epoch, untimed. With `checkpoint`, the
     whole training state is saved there after every epoch; with `resume` too, training continues
-    from the epoch saved there (a finished model is only loaded)."""
+    from the epoch saved there (a finished model is only loaded); with `pretrained` the checkpoint
+    must hold all `epochs`, and nothing is trained."""
     images, labels = data
     gen = gen or torch.Generator().manual_seed(cfg.seed)  # the batch order
     hist = History(trainer.name, *trainer.losses)
-    if resume and checkpoint is not None and checkpoint.exists():
+    if (resume or pretrained) and checkpoint is not None and checkpoint.exists():
         restore(trainer, hist, gen, load_checkpoint(checkpoint, trainer.name, cfg, epochs))
         print(f"{trainer.name}: resumed from {checkpoint} after epoch {hist.epochs_done} of {epochs}")
+    if pretrained and hist.epochs_done < epochs:
+        found = (f"{checkpoint} holds {hist.epochs_done} of {epochs} epochs of {trainer.name}"
+                 if hist.epochs_done else f"no checkpoint of {trainer.name} at {checkpoint}")
+        raise SetupError(f"--pretrained: {found}: run once without --pretrained to train it "
+                         f"(or with --resume to finish it) into {cfg.out}")
     with PeakMemory(trainer.device) as memory:
         for epoch in range(hist.epochs_done, epochs):
             bar = epoch_bar(trainer.name, epoch, cfg, len(images), epochs)
@@ -1262,15 +1282,6 @@ def save_checkpoint(path: Path, **state):
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def trained_modules(name: str, nets) -> dict:
-    """The networks a model trains, by checkpoint key (the DDPM's EMA copy is not one of them)."""
-    if name == "vae":
-        return {"vae": nets}
-    if name in ("gan", "cgan"):
-        return {"generator": nets[0], "discriminator": nets[1]}
-    return {"unet": nets[1]}
 
 
 # %% [markdown]
@@ -1483,11 +1494,17 @@ def control_from_hits(p_d, method: str, matrix=None) -> dict:
 
 
 @torch.inference_mode()
+def vae_codes(vae: VAE, images_uint8) -> torch.Tensor:
+    """The encoder's mu [N, latent] of uint8 digits, in chunks, on the VAE's device."""
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode(to_unit(chunk.to(device)))[0].float() for chunk in images_uint8.split(2000)])
+
+
+@torch.inference_mode()
 def vae_class_codes(vae: VAE, images_uint8, labels, max_images: int = 10000) -> tuple:
     """Mean and standard deviation of the encoder's mu over the digits of each class: [10, latent] each."""
-    device = next(vae.parameters()).device
-    x, y = images_uint8[:max_images].to(device), labels[:max_images].to(device)
-    mu = torch.cat([vae.encode(to_unit(chunk))[0].float() for chunk in x.split(2000)])
+    mu = vae_codes(vae, images_uint8[:max_images])
+    y = labels[:max_images].to(mu.device)
     means = torch.stack([mu[y == d].mean(0) for d in range(10)])
     stds = torch.stack([mu[y == d].std(0) for d in range(10)])
     return means, stds
@@ -1690,9 +1707,7 @@ def plot_annotated(samples: dict, evaluator, path: Path):
 def plot_vae_latent_3d(vae: VAE, test, path: Path, n: int = 5000) -> list:
     """The encoder's mu of n test digits projected on their first three principal components.
     Returns the share of the codes' variance each component explains."""
-    device = next(vae.parameters()).device
-    x, y = test[0][:n], test[1][:n].numpy()
-    mu = torch.cat([vae.encode(to_unit(c.to(device)))[0].float().cpu() for c in x.split(2000)]).double().numpy()
+    mu, y = vae_codes(vae, test[0][:n]).cpu().double().numpy(), test[1][:n].numpy()
     centred = mu - mu.mean(0)
     _, sing, vt = np.linalg.svd(centred, full_matrices=False)
     coords = centred @ vt[:3].T
@@ -1746,18 +1761,13 @@ def epoch_fid_tracker(name: str, cfg: Config, device, evaluator, ref_feats):
 
 def train_model(name: str, train, cfg: Config, device, after_epoch=None, checkpoint: Path | None = None):
     """Train one model from seed cfg.seed, saving (and with cfg.resume, resuming from) `checkpoint`.
-    With cfg.pretrained the checkpoint must hold the finished model, which is loaded, not trained."""
-    if cfg.pretrained:
-        fix = f"run once without --pretrained to train it (or with --resume to finish it) into {cfg.out}"
-        if checkpoint is None or not checkpoint.exists():
-            raise SetupError(f"--pretrained: no checkpoint of {name} at {checkpoint}: {fix}")
-        saved = load_checkpoint(checkpoint, name, cfg, cfg.model_epochs(name))
-        if saved["epoch"] < cfg.model_epochs(name):
-            raise SetupError(f"--pretrained: {checkpoint} holds {saved['epoch']} of {cfg.model_epochs(name)} "
-                             f"epochs of {name}: {fix}")
+    With cfg.pretrained the checkpoint must hold the finished model, which is loaded, not trained.
+    Returns (nets, history, the number of trained parameters)."""
     seed_everything(cfg.seed)  # every model starts from the same seed, whichever ran before
-    return fit(make_trainer(name, cfg, device), train, cfg, cfg.model_epochs(name), after_epoch,
-               checkpoint=checkpoint, resume=cfg.resume or cfg.pretrained)
+    trainer = make_trainer(name, cfg, device)
+    nets, hist = fit(trainer, train, cfg, cfg.model_epochs(name), after_epoch, checkpoint=checkpoint,
+                     resume=cfg.resume, pretrained=cfg.pretrained)
+    return nets, hist, n_params(*trainer.modules)
 
 
 def export_samples(name: str, nets, cfg: Config, device, out: Path):
@@ -1780,13 +1790,8 @@ def seconds_per_image_at_batch_1(name: str, nets, cfg: Config, device) -> float:
     repeats = 3 if name == "ddpm" else 20
     gen = torch.Generator(device).manual_seed(cfg.seed + 5)
     asked = torch.tensor([7]) if name == "cgan" else None
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        draw(name, nets, 1, cfg, device, gen, asked, progress=False)
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))
+    times = time_calls(lambda: draw(name, nets, 1, cfg, device, gen, asked, progress=False), 1, repeats, device)
+    return float(np.median(times))
 
 
 def draw_figures(samples: dict, labels: dict, nets_by_name: dict, histories: dict, cfg: Config,
@@ -1820,12 +1825,11 @@ def draw_figures(samples: dict, labels: dict, nets_by_name: dict, histories: dic
 def measure_real(evaluator, train, reference, ref_feats) -> dict:
     """The metrics of real training digits against the test digits: the floor for every model."""
     real = train[0][:len(reference)].cpu()
-    real_feats = features(evaluator, real)
+    real_feats, probs = features(evaluator, real), predict(evaluator, reference)
     precision, recall = precision_recall(ref_feats, real_feats)
     return {"n": len(reference), "fid_floor": frechet_distance(real_feats, ref_feats),
-            "inception_score": inception_score(predict(evaluator, reference)),
-            "precision": precision, "recall": recall, "sharpness": sharpness(reference),
-            **class_stats(predict(evaluator, reference))}
+            "inception_score": inception_score(probs), "precision": precision, "recall": recall,
+            "sharpness": sharpness(reference), **class_stats(probs)}
 
 
 def measure_model(name: str, nets, images, asked, evaluator, ref_feats, train, cfg: Config, device) -> dict:
@@ -1854,14 +1858,14 @@ def train_and_measure(name: str, train, cfg: Config, device, out: Path, evaluato
     """Train one model, save its checkpoint and samples, and measure it. Returns (nets, history,
     samples, asked labels, the model's results entry)."""
     after_epoch, note = epoch_fid_tracker(name, cfg, device, evaluator, ref_feats)
-    nets, hist = train_model(name, train, cfg, device, after_epoch if epoch_fid else None,
-                             checkpoint=out / "checkpoints" / f"{name}.pt")
+    nets, hist, parameters = train_model(name, train, cfg, device, after_epoch if epoch_fid else None,
+                                         checkpoint=out / "checkpoints" / f"{name}.pt")
     images, asked, sample_seconds = export_samples(name, nets, cfg, device, out)
     epochs = cfg.model_epochs(name)
     entry = {
         "epochs": epochs, "train_seconds": hist.seconds, "seconds_per_epoch": hist.seconds / epochs,
         "train_images_per_second": hist.steps * cfg.batch_size / hist.seconds,
-        "parameters": n_params(*trained_modules(name, nets).values()),
+        "parameters": parameters,
         "sampler": sampler_label(name, cfg), "sample_seconds": sample_seconds,
         "sample_batch": min(SAMPLE_BATCH, cfg.n_samples), "seconds_per_image": sample_seconds / cfg.n_samples,
         "seconds_per_image_batch1": seconds_per_image_at_batch_1(name, nets, cfg, device),
@@ -2326,18 +2330,6 @@ def ddpm_design_study(cfg: Config, train, ref_feats, evaluator, device, out: Pat
 # %%
 BENCH_REFERENCE = {  # the best-known public notebook's DDPM step, re-created at batch 128 on 2 CPU cores, and our targets
     "ddpm_step_seconds": 4.2, "ddpm_step_target_seconds": 0.3, "ddim50_1000_samples_target_seconds": 45.0}
-
-
-def time_calls(fn, warmup: int, repeats: int, device) -> list:
-    """Wall seconds of `repeats` calls of fn() after `warmup` untimed calls (GPU work included)."""
-    times = []
-    for i in range(warmup + repeats):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
 
 
 def random_batch(data, cfg: Config, gen: torch.Generator):
