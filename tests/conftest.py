@@ -41,8 +41,9 @@ def fake_digits(n: int, seed: int):
     return images.astype(np.uint8), labels.astype(np.uint8)
 
 
-def make_mnist_root(root: Path, n_train: int = 512, n_test: int = 128) -> Path:
-    raw = root / "MNIST" / "raw"
+def make_mnist_root(root: Path, n_train: int = 512, n_test: int = 128, folder: str = "MNIST") -> Path:
+    """Tiny IDX files in root/<folder>/raw/ (folder FashionMNIST for --dataset fashion)."""
+    raw = root / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         images, labels = fake_digits(n, seed)

@@ -1,0 +1,233 @@
+"""The opt-in models and studies of issue 5: WGAN-GP, the class-conditional DDPM with classifier-free
+guidance, the sampler study, the latent and width sweeps, and Fashion-MNIST."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import SCRIPT, make_mnist_root
+
+
+# --- WGAN-GP -------------------------------------------------------------------------
+
+class LinearCritic(nn.Module):
+    """C(x) = <a, x>: its gradient is a everywhere, so the penalty is exactly (||a|| - 1)^2."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = nn.Parameter(a)
+
+    def forward(self, x):
+        return (x.flatten(1) * self.a).sum(1)
+
+
+@pytest.mark.parametrize("norm", [0.5, 1.0, 3.0])
+def test_gradient_penalty_of_a_linear_critic(nb, norm):
+    a = torch.randn(784)
+    critic = LinearCritic(a / a.norm() * norm)
+    real, fake = torch.rand(16, 1, 28, 28), torch.rand(16, 1, 28, 28)
+    penalty = nb.gradient_penalty(critic, real, fake)
+    assert penalty.item() == pytest.approx((norm - 1) ** 2, abs=1e-4)
+    penalty.backward()  # the penalty itself is trained: it has a gradient for the critic's weights
+    assert (critic.a.grad.abs().sum() > 0) == (norm != 1.0)
+
+
+def test_critic_and_generator_losses(nb):
+    real, fake = torch.tensor([3.0, 5.0]), torch.tensor([1.0, -1.0])
+    assert nb.critic_loss(real, fake, torch.tensor(0.5), 10.0).item() == pytest.approx(0 - 4 + 5)
+    assert nb.wgan_g_loss(fake).item() == pytest.approx(0.0)
+    critic = nb.Discriminator(0, 8, batch_norm=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in critic.modules())  # per-image penalty needs no BN
+    assert any(isinstance(m, nn.BatchNorm2d) for m in nb.Discriminator(0, 8).modules())
+
+
+def test_wgan_takes_one_generator_step_per_n_critic(nb):
+    cfg = nb.make_config(["--profile", "smoke", "--wgan-n-critic", "3"], env={})
+    torch.manual_seed(0)
+    trainer = nb.make_trainer("wgan", cfg, torch.device("cpu"))
+    images, labels = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.arange(16) % 10
+    g_changes, c_changes = [], []
+    for _ in range(6):
+        g, c = [[p.detach().clone() for p in m.parameters()] for m in (trainer.G, trainer.C)]
+        losses = trainer.step(images, labels)
+        g_changes.append(any(not torch.equal(a, b) for a, b in zip(g, trainer.G.parameters())))
+        c_changes.append(any(not torch.equal(a, b) for a, b in zip(c, trainer.C.parameters())))
+        assert set(losses) == {"W", "critic", "GP", "G"} and all(torch.isfinite(v) for v in losses.values())
+    assert g_changes == [False, False, True, False, False, True] and all(c_changes)
+    assert trainer.critic_steps.state_dict()["n"] == 6
+
+
+# --- class-conditional DDPM ------------------------------------------------------------
+
+class LabelEcho(nn.Module):
+    """A stand-in denoiser whose 'noise' is the label (n_classes = 10 stands for no label)."""
+    n_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, y=None):
+        self.seen.append(y.clone())
+        return y.float().view(-1, 1, 1, 1).expand_as(x)
+
+
+def test_guidance_combines_conditional_and_null_predictions(nb):
+    model = LabelEcho()
+    x, t, y = torch.zeros(3, 1, 28, 28), torch.zeros(3, dtype=torch.long), torch.tensor([2, 4, 6])
+    assert torch.equal(nb.predict_eps(model, x, t, y, 0.0)[:, 0, 0, 0], y.float())  # w = 0: conditional only
+    eps = nb.predict_eps(model, x, t, y, 3.0)[:, 0, 0, 0]
+    assert torch.allclose(eps, 4 * y.float() - 3 * 10)  # (1 + w) eps(y) - w eps(null)
+    assert model.seen[-1].tolist() == [2, 4, 6, 10, 10, 10]  # one batch of 2n
+
+
+def test_labels_are_dropped_with_p_uncond(nb):
+    sched = nb.Schedule(100)
+    model = LabelEcho()
+    y = torch.arange(4000) % 10
+    gen = torch.Generator().manual_seed(0)
+    nb.ddpm_loss(model, sched, torch.zeros(4000, 1, 28, 28), gen, y=y, p_uncond=0.1)
+    dropped = (model.seen[-1] == 10).float().mean().item()
+    assert dropped == pytest.approx(0.1, abs=0.015)
+    kept = model.seen[-1] != 10
+    assert torch.equal(model.seen[-1][kept], y[kept])
+    nb.ddpm_loss(model, sched, torch.zeros(8, 1, 28, 28), gen, y=y[:8], p_uncond=1.0)
+    assert (model.seen[-1] == 10).all()
+
+
+def test_conditional_unet_and_unchanged_unconditional_one(nb):
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 500, 999])
+    net = nb.UNet(16, n_classes=10)
+    assert net(x, t, torch.tensor([0, 1, 2, 10])).shape == (4, 1, 28, 28)
+    assert torch.equal(net(x, t), net(x, t, torch.full((4,), 10)))  # no label = the null label
+    torch.manual_seed(0)
+    plain = nb.UNet(16)
+    torch.manual_seed(0)
+    conditional = nb.UNet(16, n_classes=10)
+    assert set(conditional.state_dict()) - set(plain.state_dict()) == {"label_emb.weight"}
+    assert all(torch.equal(v, conditional.state_dict()[k]) for k, v in plain.state_dict().items())
+
+
+def test_widths_and_defaults_keep_the_assignment_models(nb):
+    assert sum(p.numel() for p in nb.VAE(16).parameters()) == 628_097  # the size of every earlier run
+    assert sum(p.numel() for p in nb.VAE(16, 64).parameters()) > 2 * 628_097
+    assert nb.Generator(100, 0, 32)(torch.randn(2, 100)).shape == (2, 1, 28, 28)
+    assert nb.Discriminator(0, 128)(torch.rand(2, 1, 28, 28)).shape == (2,)
+
+
+def test_checkpoint_without_a_newer_setting_still_resumes(nb, tiny_mnist, tmp_path):
+    cfg = nb.make_config(["--profile", "smoke", "--data-root", str(tiny_mnist), "--out", str(tmp_path)], env={})
+    train = nb.load_mnist(str(tiny_mnist))
+    nb.train_model("vae", train, cfg, torch.device("cpu"), checkpoint=tmp_path / "vae.pt")
+    state = torch.load(tmp_path / "vae.pt", weights_only=True)
+    for name in ("vae_width", "dataset", "gan_width"):  # as a checkpoint from before these settings existed
+        del state["config"][name]
+    torch.save(state, tmp_path / "vae.pt")
+    assert nb.load_checkpoint(tmp_path / "vae.pt", "vae", cfg, 1)["epoch"] == 1
+    wider = nb.make_config(["--profile", "smoke", "--vae-width", "64"], env={})
+    with pytest.raises(nb.SetupError, match="vae_width 32 -> 64"):
+        nb.load_checkpoint(tmp_path / "vae.pt", "vae", wider, 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dataset", "cifar"], "use mnist or fashion"),
+    (["--models", "vae", "--sampler-study"], "sampler_study needs the DDPM"),
+    (["--wgan-n-critic", "0"], "wgan_n_critic"),
+    (["--cddpm-guidance", "-1"], "cddpm_guidance"),
+    (["--sweep-steps", "-1"], "sweep_steps"),
+    (["--vae-latent", "1"], "vae_latent"),
+])
+def test_bad_extra_settings_fail_with_a_message(nb, argv, message):
+    with pytest.raises(nb.SetupError, match=message):
+        nb.make_config(["--profile", "smoke"] + argv, env={})
+
+
+def test_extra_models_are_opt_in(nb):
+    assert nb.make_config([], env={}).models == ("vae", "gan", "cgan", "ddpm")
+    assert nb.make_config(["--models", "wgan,cddpm"], env={}).models == ("wgan", "cddpm")
+
+
+# --- Fashion-MNIST -------------------------------------------------------------------
+
+def make_fashion_root(root):
+    return make_mnist_root(root, folder="FashionMNIST")
+
+
+def test_fashion_loads_from_its_own_folder_and_says_how_to_get_it(nb, tmp_path, monkeypatch):
+    root = make_fashion_root(tmp_path / "data")
+    images, labels = nb.load_mnist(str(root), train=False, dataset="fashion")
+    assert images.shape == (128, 28, 28) and set(labels.tolist()) == set(range(10))
+    from urllib.error import URLError
+
+    import torchvision
+
+    def no_network(self):
+        raise URLError("no network (test)")
+
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "download", no_network)
+    with pytest.raises(nb.SetupError, match="dataset-fashion-mnist") as err:
+        nb.load_mnist(str(tmp_path / "empty"), dataset="fashion")
+    assert "FashionMNIST/raw" in str(err.value)
+
+
+def run_script(args, cwd):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--profile", "smoke", *args],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_extra_models_and_studies_smoke_run(tiny_mnist, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(["--data-root", str(tiny_mnist), "--out", str(out), "--n-samples", "20",
+                       "--models", "ddpm,wgan,cddpm", "--sampler-study", "--sweep-steps", "2",
+                       "--reference-ddpm"], tmp_path)
+    assert "assignment checklist: all items met" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"ddpm", "wgan", "cddpm"}
+    wgan = results["models"]["wgan"]
+    assert len(wgan["epoch_loss"]["W"]) == 1 and np.isfinite(wgan["epoch_loss"]["W"][0])
+    guidance = results["guidance_study"]["weights"]
+    assert set(guidance) == {"0", "1", "3"}
+    assert all(0 <= r["accuracy"] <= 1 and r["fid"] >= 0 and r["seconds_per_image"] > 0 for r in guidance.values())
+    samplers = results["sampler_study"]["samplers"]
+    assert [r["network_passes"] for r in samplers.values()] == [1000, 100, 50, 20, 10]
+    assert all(r["fid"] >= 0 and r["seconds_per_image"] > 0 for r in samplers.values())
+    rows = results["sweeps"]["rows"]
+    assert len(rows) == 16 and all(r["steps"] == 2 and r["fid"] >= 0 and r["train_seconds"] > 0 for r in rows)
+    assert {(r["field"], r["value"]) for r in rows} >= {("vae_latent", 5), ("gan_width", 256)}
+    reference = results["reference_ddpm"]
+    assert reference["steps"] >= 1 and reference["fid"] >= 0 and reference["parameters"] > 0
+    assert reference["ours"]["fid"] == results["models"]["ddpm"]["epoch_fid"][-1]
+    with np.load(out / "samples" / "cddpm.npz") as data:
+        counts = np.bincount(data["labels"], minlength=10)
+        assert data["images"].shape == (20, 28, 28) and counts.min() == counts.max() == 2
+    state = torch.load(out / "checkpoints" / "wgan.pt", weights_only=True)
+    assert {"generator", "critic", "critic_steps"} <= set(state)
+    for figure in ("wgan_samples.png", "cddpm_grid.png", "cddpm_guidance.png", "sampler_study.png", "sweeps.png",
+                   "reference_ddpm.png"):
+        assert (out / figure).stat().st_size > 1000, figure
+    report = (out / "REPORT.md").read_text()
+    for heading in ("## cDDPM: classifier-free guidance", "## DDPM samplers from the same weights",
+                    "## Latent-size and width sweeps", "WGAN-GP Wasserstein estimate",
+                    "## The slower DDPM design at equal training time"):
+        assert heading in report, heading
+    assert "nan" not in report.lower()
+
+
+def test_fashion_smoke_run(tmp_path):
+    root = make_fashion_root(tmp_path / "data")
+    out = tmp_path / "out"
+    proc = run_script(["--dataset", "fashion", "--data-root", str(root), "--out", str(out), "--n-samples", "20",
+                       "--models", "vae,cgan"], tmp_path)
+    assert "1 data: Fashion-MNIST 28x28" in proc.stdout and "assignment checklist: all items met" in proc.stdout
+    table = pd.read_csv(out / "metrics.csv", index_col="model")
+    assert set(table.index) == {"vae", "cgan", "real Fashion-MNIST"}
+    report = (out / "REPORT.md").read_text()
+    assert "on Fashion-MNIST" in report and "Fashion-MNIST test images" in report
+    assert json.loads((out / "results.json").read_text())["config"]["dataset"] == "fashion"
