@@ -2831,8 +2831,7 @@ def slower_design_at_equal_time(cfg: Config, train, device, evaluator, ref_feats
             scaler.backward_step(loss, opt)
             steps += 1
             losses.append(float(loss))
-            bar.n = min(round(time.perf_counter() - t0), bar.total)
-            bar.refresh()
+            bar.update(min(round(time.perf_counter() - t0), bar.total) - bar.n)  # the bar counts seconds
             if time.perf_counter() - t0 >= budget:
                 break
     bar.close()
