@@ -802,9 +802,7 @@ def ddpm_loss(model, sched: Schedule, x0, gen: torch.Generator, min_snr: float =
     if y is not None:
         drop = torch.rand(len(y), generator=gen, device=y.device) < p_uncond
         y = torch.where(drop, torch.full_like(y, model.n_classes), y)
-        mse = (model(x_t, t, y).float() - eps).pow(2).mean(dim=(1, 2, 3))
-    else:
-        mse = (model(x_t, t).float() - eps).pow(2).mean(dim=(1, 2, 3))
+    mse = (predict_eps(model, x_t, t, y) - eps).pow(2).mean(dim=(1, 2, 3))
     if min_snr > 0:
         snr = sched.snr[t]
         mse = mse * torch.clamp(snr, max=min_snr) / snr
@@ -1830,11 +1828,12 @@ def plot_control(controls: dict, path: Path, classes=DATASETS["mnist"]["classes"
     for i, (name, c) in enumerate(controls.items()):
         ax.bar(np.arange(10) + (i - (len(controls) - 1) / 2) * width, c["per_class_hit"], width,
                color=MODEL_COLOURS.get(name), label=f"{name.upper()}: {c['method']}")
-    ax.set_xticks(range(10), classes, rotation=0 if len(max(classes, key=len)) < 3 else 60, fontsize=7)
+    long_names = len(max(classes, key=len)) >= 3  # Fashion-MNIST's: slanted, and the legend moves down
+    ax.set_xticks(range(10), classes, rotation=60 if long_names else 0, fontsize=7)
     ax.set_xlabel("chosen class d")
     ax.set_ylabel("p_d: one attempt yields d")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.18 if len(max(classes, key=len)) < 3 else -0.45))
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.45 if long_names else -0.18))
     ax.set_title("Controllability per class")
     for k, name in enumerate(with_matrix, start=1):
         cax = fig.add_subplot(grid[k])
@@ -1963,16 +1962,21 @@ def environment(cfg: Config, device: torch.device) -> dict:
     return env
 
 
+def epoch_fid_images(name: str, nets, n: int, cfg: Config, device) -> np.ndarray:
+    """The per-epoch FID's samples: n images (balanced labels for a conditional model), diffusion models
+    with DDIM-epoch_fid_ddim_steps, from a generator of their own (training's is untouched)."""
+    ecfg = dataclasses.replace(cfg, sampler="ddim", ddim_steps=cfg.epoch_fid_ddim_steps)
+    asked = balanced_labels(n) if name in CONDITIONAL else None
+    return draw(name, nets, n, ecfg, device, torch.Generator(device).manual_seed(cfg.seed + 4), asked, progress=False)
+
+
 def epoch_fid_tracker(name: str, cfg: Config, device, evaluator, ref_feats):
     """An after_epoch callback that measures a classifier-FID after every epoch (kept in the History as
     `epoch_fid`), and a note on how. The DDPM uses fewer samples and DDIM steps (epoch_fid_ddpm_*)."""
     n = min(cfg.epoch_fid_ddpm_samples if name in DIFFUSION else cfg.epoch_fid_samples, len(ref_feats))
-    ecfg = dataclasses.replace(cfg, sampler="ddim", ddim_steps=cfg.epoch_fid_ddim_steps)
 
     def after_epoch(nets, steps_done):
-        gen = torch.Generator(device).manual_seed(cfg.seed + 4)  # its own generator: training's is untouched
-        asked = balanced_labels(n) if name in CONDITIONAL else None
-        images = draw(name, nets, n, ecfg, device, gen, asked, progress=False)
+        images = epoch_fid_images(name, nets, n, cfg, device)
         return {"epoch_fid": frechet_distance(features(evaluator, images), ref_feats[:n])}
 
     note = f"{n} samples" + (f", DDIM-{cfg.epoch_fid_ddim_steps}" if name in DIFFUSION else "")
@@ -1990,14 +1994,20 @@ def train_model(name: str, train, cfg: Config, device, after_epoch=None, checkpo
     return nets, hist, n_params(*trainer.modules)
 
 
+def timed_draw(name: str, nets, n: int, cfg: Config, device, seed: int, progress: bool = False, **kwargs):
+    """(images, seconds per image) of n samples drawn with a fresh generator seeded `seed`."""
+    gen = torch.Generator(device).manual_seed(seed)
+    t0 = time.perf_counter()
+    images = draw(name, nets, n, cfg, device, gen, progress=progress, **kwargs)
+    synchronize(device)
+    return images, (time.perf_counter() - t0) / n
+
+
 def export_samples(name: str, nets, cfg: Config, device, out: Path):
     """Draw cfg.n_samples images (the cGAN asked for balanced labels) and write samples/<name>.npz."""
-    gen = torch.Generator(device).manual_seed(cfg.seed + 1)
     asked = balanced_labels(cfg.n_samples) if name in CONDITIONAL else None
-    t0 = time.perf_counter()
-    images = draw(name, nets, cfg.n_samples, cfg, device, gen, asked)
-    synchronize(device)
-    seconds = time.perf_counter() - t0
+    images, per_image = timed_draw(name, nets, cfg.n_samples, cfg, device, cfg.seed + 1, progress=True, labels=asked)
+    seconds = per_image * cfg.n_samples
     export = {"images": images}
     if asked is not None:
         export["labels"] = asked.numpy().astype(np.int64)
@@ -2031,11 +2041,9 @@ def draw_figures(samples: dict, labels: dict, nets_by_name: dict, histories: dic
             plot_samples(samples[name], f"{name.upper()}: 10 random samples ({notes[name]})",
                          out / f"{name}_samples.png")
     if "ddpm" in samples and cfg.ancestral_preview and cfg.sampler != "ancestral":
-        gen = torch.Generator(device).manual_seed(cfg.seed + 2)
-        t0 = time.perf_counter()
-        preview = draw("ddpm", nets_by_name["ddpm"], cfg.ancestral_preview, cfg, device, gen,
-                       sampler="ancestral")
-        extras["ancestral_preview_seconds_per_image"] = (time.perf_counter() - t0) / cfg.ancestral_preview
+        preview, extras["ancestral_preview_seconds_per_image"] = timed_draw(
+            "ddpm", nets_by_name["ddpm"], cfg.ancestral_preview, cfg, device, cfg.seed + 2, progress=True,
+            sampler="ancestral")
         plot_samples(preview, f"DDPM: {cfg.ancestral_preview} samples, "
                      f"{sampler_label('ddpm', cfg, 'ancestral')} (same weights)",
                      out / "ddpm_samples_ancestral.png")
@@ -2653,15 +2661,6 @@ SWEEP_FIELDS = {("vae", "latent"): "vae_latent", ("vae", "width"): "vae_width",
                 ("gan", "latent"): "gan_noise", ("gan", "width"): "gan_width"}
 
 
-def timed_draw(name: str, nets, n: int, cfg: Config, device, seed: int, **kwargs):
-    """(images, seconds per image) of n samples drawn with a fresh generator seeded `seed`."""
-    gen = torch.Generator(device).manual_seed(seed)
-    t0 = time.perf_counter()
-    images = draw(name, nets, n, cfg, device, gen, progress=False, **kwargs)
-    synchronize(device)
-    return images, (time.perf_counter() - t0) / n
-
-
 def guidance_study(nets, cfg: Config, device, evaluator, ref_feats, out: Path) -> dict:
     """Conditional accuracy, classifier-FID and time per image of the cDDPM at each guidance weight
     (DDIM with ddim_steps, whatever the run's sampler: four ancestral runs would cost too much)."""
@@ -2821,7 +2820,8 @@ def slower_design_at_equal_time(cfg: Config, train, device, evaluator, ref_feats
     sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end, device)
     opt = adam(net.parameters(), 1e-3, device)
     scaler, noise_gen = LossScaler(cfg, device), torch.Generator(device).manual_seed(cfg.seed)
-    order, budget, steps, losses = torch.Generator().manual_seed(cfg.seed), ours["train_seconds"], 0, []
+    order, budget, steps = torch.Generator().manual_seed(cfg.seed), ours["train_seconds"], 0
+    losses = []  # tensors: reading each back would make a GPU wait every step
     bar = tqdm(total=round(budget), desc="slower design, seconds", **BAR)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < budget:
@@ -2830,23 +2830,20 @@ def slower_design_at_equal_time(cfg: Config, train, device, evaluator, ref_feats
                 loss = ddpm_loss(net, sched, to_signed(xb), noise_gen)  # plain MSE, as the design has it
             scaler.backward_step(loss, opt)
             steps += 1
-            losses.append(float(loss))
+            losses.append(loss.detach())
             bar.update(min(round(time.perf_counter() - t0), bar.total) - bar.n)  # the bar counts seconds
             if time.perf_counter() - t0 >= budget:
                 break
     bar.close()
     seconds = time.perf_counter() - t0
     net.eval()
-    n = min(cfg.epoch_fid_ddpm_samples, len(ref_feats))
-    ecfg = dataclasses.replace(cfg, sampler="ddim", ddim_steps=cfg.epoch_fid_ddim_steps)
-    images = draw("ddpm", (net, net, sched), n, ecfg, device, torch.Generator(device).manual_seed(cfg.seed + 4),
-                  progress=False)  # the generator seed of epoch_fid_tracker: the same starting noise as ours
-    our_images = draw("ddpm", our_nets, 10, ecfg, device, torch.Generator(device).manual_seed(cfg.seed + 4),
-                      progress=False)
+    measure, protocol = epoch_fid_tracker("ddpm", cfg, device, evaluator, ref_feats)  # exactly our DDPM's protocol
+    images = epoch_fid_images("ddpm", (net, net, sched), 10, cfg, device)
+    our_images = epoch_fid_images("ddpm", our_nets, 10, cfg, device)
     result = {"train_seconds": seconds, "steps": steps, "seconds_per_step": seconds / max(1, steps),
-              "parameters": n_params(net), "final_loss": float(np.mean(losses[-50:])),
-              "fid": frechet_distance(features(evaluator, images), ref_feats[:n]), "n": n,
-              "protocol": f"{n} samples, DDIM-{cfg.epoch_fid_ddim_steps}",
+              "parameters": n_params(net), "final_loss": float(torch.stack(losses[-50:]).float().mean()),
+              "fid": measure((net, net, sched), steps)["epoch_fid"],
+              "n": min(cfg.epoch_fid_ddpm_samples, len(ref_feats)), "protocol": protocol,
               "ours": {"train_seconds": ours["train_seconds"],
                        "steps": round(ours["train_images_per_second"] * ours["train_seconds"] / cfg.batch_size),
                        "seconds_per_step": cfg.batch_size / ours["train_images_per_second"],
@@ -2856,7 +2853,7 @@ def slower_design_at_equal_time(cfg: Config, train, device, evaluator, ref_feats
     fig, axes = plt.subplots(2, 1, figsize=(10, 3.4))
     image_grid(axes[0], our_images, 1, 10, f"ours: {result['ours']['steps']} steps in {ours['train_seconds']:.0f} s, "
                f"classifier-FID {result['ours']['fid']:.1f} ({result['protocol']})")
-    image_grid(axes[1], images[:10], 1, 10, f"slower design: {steps} steps in {seconds:.0f} s, "
+    image_grid(axes[1], images, 1, 10, f"slower design: {steps} steps in {seconds:.0f} s, "
                f"classifier-FID {result['fid']:.1f} (same protocol, DDIM-{cfg.epoch_fid_ddim_steps} samples)")
     show(fig, out / "reference_ddpm.png")
     return result
