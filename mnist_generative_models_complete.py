@@ -1,7 +1,12 @@
 # ---
 # jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: accelerator,colab,kernelspec,jupytext
 #     text_representation:
 #       extension: .py
 #       format_name: percent
@@ -16,60 +21,74 @@
 # %% [markdown]
 # # Four generative models of handwritten digits: VAE, GAN, cGAN and DDPM
 #
-# This notebook trains four generative models on MNIST and compares them on
-# **clarity**, **controllability**, **efficiency** and **stability**, with numbers
-# that are measured in this run and nowhere typed in by hand.
+# This notebook trains four generative models on MNIST and compares them on **clarity**,
+# **controllability**, **efficiency** and **stability**. Every number it shows is measured by this
+# run; none is typed in by hand.
 #
-# * **VAE**: learns to compress a digit to a few numbers and back; sampling decodes random codes.
+# * **VAE** learns to compress a digit to a few numbers and back; sampling decodes random codes.
 # * **GAN**: a generator and a discriminator play a game; the generator learns to fool.
 # * **cGAN**: the same game, but both players see the digit's label, so you can ask for a "7".
-# * **DDPM**: learns to remove Gaussian noise one small step at a time; sampling starts from pure noise.
+# * **DDPM** learns to remove Gaussian noise one small step at a time; sampling starts from pure noise.
 #
-# Two more that related projects compare, opt in with `--models vae,gan,cgan,ddpm,wgan,cddpm`
-# (`MNIST_GEN_MODELS=...` in a notebook): **WGAN-GP** (section 5b), a GAN whose critic estimates the
-# Wasserstein distance, and a **class-conditional DDPM with classifier-free guidance** (section 6b).
-# Opt-in studies (section 13b): DDPM samplers compared from the same weights (`--sampler-study`),
-# latent-size and width sweeps of the VAE and GAN (`--sweep-steps N`). `--dataset fashion` runs
-# everything on Fashion-MNIST instead, the evaluator included. `--pretrained` trains nothing: it
-# loads an earlier run's checkpoints from the output folder and redoes every sample, figure and metric.
+# It reads in three parts.
 #
-# **How to run.** In Colab: *Runtime → Change runtime type → GPU*, then *Run all*.
-# Headless: `python mnist_generative_models_complete.py --help`.
-# Everything lands in `outputs/`: figures, `samples/<model>.npz`, checkpoints, the comparison
-# table as `metrics.csv` / `metrics.json`, a written `REPORT.md`, and `results.json` with everything.
+# * **Part A, the assignment's path** (sections 1-7): the settings, the data, how every model is
+#   trained, then one section per model: its idea and maths, its code, and a cell that trains it and
+#   shows its losses and samples right there.
+# * **Part B, the comparison** (sections 8-13): an evaluator trained here, the measurements, the four
+#   scores, the figures, the written report, and a checklist that verifies the assignment against this run.
+# * **Part C, the appendix** (sections C1-C9), all opt in: WGAN-GP and a class-conditional DDPM, studies
+#   of samplers, sizes, seeds and the DDPM's design, the slower public DDPM design, and a benchmark.
 #
-# The notebook reads top to bottom: configuration, data, the four models (each with its
-# idea and its loss), training, sampling, a small evaluator for the analysis, figures,
-# the scores and report, and finally a checklist that *verifies* the assignment against this run.
+# **How to run.** In Colab: *Runtime → Change runtime type → GPU*, change the settings cell below if
+# you like, then *Run all*. Headless: `python mnist_generative_models_complete.py --help`.
+# Everything lands in the output folder: figures, `samples/<model>.npz`, checkpoints,
+# `metrics.csv` and `metrics.json`, `results.json`, and a written `REPORT.md`.
+
+# %% tags=["parameters"]
+# @title Settings { display-mode: "form" }
+# The settings a student changes. Empty (or 0, or unticked) leaves the choice to the profile.
+# Precedence, lowest first: the profile's defaults < this cell < MNIST_GEN_* environment variables
+# < command-line flags (script only). Every other setting: section 1, or `--help`.
+profile = ""  # @param ["", "smoke", "cpu", "full"] {allow-input: true}
+models = ""  # @param {type:"string"}
+epochs = 0  # @param {type:"integer"}
+dataset = "mnist"  # @param ["mnist", "fashion"]
+data_root = "./data"  # @param {type:"string"}
+out = "outputs"  # @param {type:"string"}
+drive = ""  # @param {type:"string"}
+resume = False  # @param {type:"boolean"}
 
 # %% [markdown]
-# ## 1. Configuration
+# # Part A: the assignment's path
 #
-# One object holds every setting. A **profile** fills in sensible values:
+# ## 1. Set-up
 #
-# | profile | for | what it does |
-# |---|---|---|
-# | `smoke` | tests | a few batches of whatever data is at hand; seconds |
-# | `cpu` | a laptop or a 2-core server | real MNIST, the whole run with its metrics in under 30 minutes, DDIM sampling |
-# | `full` | a GPU (Colab) | the assignment's 30 epochs for every model, 1000-step DDPM sampling |
+# One object, `Config`, holds every setting; each field carries its help text, its group in
+# `--help`, its per-profile values and whether it changes how a model trains. A **profile** fills in
+# the defaults:
 #
-# Without CUDA the default is `cpu`; with CUDA it is `full`. Any field can be overridden:
-# from the command line (`--epochs 5`) when run as a script, or from an environment
-# variable (`MNIST_GEN_EPOCHS=5`) in a notebook. Both paths end in the same `Config`,
-# and bad values stop the run at once with a message that says what to change.
+# * `smoke`: a few batches of whatever data is at hand, for the tests (seconds);
+# * `cpu`: real MNIST with every metric, sized for a 2-core machine (the default without a GPU);
+# * `full`: the assignment's 30 epochs for every model (the default with a CUDA GPU).
+#
+# The settings cell above, then `MNIST_GEN_<NAME>` environment variables, then command-line flags
+# (`--epochs 5`) override it, and bad values stop the run before any work, with a message that says
+# what to change. The profiles' numbers are printed by `--help` and by the first cell that runs.
 
 # %%
-from __future__ import annotations
-
+# @title Imports and constants { display-mode: "form" }
 import argparse
 import copy
 import dataclasses
+import datetime
 import functools
 import json
 import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -87,181 +106,296 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm as text_tqdm
 from tqdm.auto import tqdm
 
-DEFAULT_MODELS = ("vae", "gan", "cgan", "ddpm")  # the assignment's four, trained by default
-EXTRA_MODELS = ("wgan", "cddpm")  # WGAN-GP and class-conditional DDPM: opt in with --models
-ALL_MODELS = DEFAULT_MODELS + EXTRA_MODELS
-CONDITIONAL = ("cgan", "cddpm")  # models that are asked for a class through their label
-DIFFUSION = ("ddpm", "cddpm")
+RUN = __name__ == "__main__"  # True in a notebook and as a script; False when the tests import this file
 PROFILES = ("smoke", "cpu", "full")
-# the datasets on offer: torchvision's class (and folder) name, a title, and the ten class names
+# the data sets on offer: torchvision's class (and folder) name, a title, and the ten class names
 DATASETS = {
     "mnist": {"torchvision": "MNIST", "title": "MNIST", "classes": [str(d) for d in range(10)]},
     "fashion": {"torchvision": "FashionMNIST", "title": "Fashion-MNIST",
                 "classes": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                             "Sneaker", "Bag", "Ankle boot"]},
 }
-# progress bars redraw often on a terminal or in a notebook, rarely when written to a log file
-BAR = {"mininterval": 0.2 if (IN_KERNEL or sys.stderr.isatty()) else 30.0, "leave": False}
 
 
 class SetupError(ValueError):
     """A setting or an input that cannot work; the message says what to change."""
 
 
+# %% [markdown]
+# ### The models, declared once
+#
+# Each model is one entry below: its title, the class (defined in its own section) that builds its
+# networks, takes a training step and draws samples, whether it is asked for a class, the loss
+# curves to plot, its epochs per profile and its colour. Training, sampling, checkpoints, figures,
+# the report, the checklist and the benchmark all read this table. **Adding a model** is one new
+# section (its networks, its loss and its trainer class, with a cell that calls `train_section`)
+# plus one entry here.
+#
+# A diffusion model draws with a **sampler**, a value passed where it is used: its kind (`ddim` or
+# `ancestral`), its number of network passes, and for a conditional model a guidance weight.
+
+# %%
+@dataclass(frozen=True)
+class ModelSpec:
+    title: str  # the name in figures and the report
+    trainer: str  # the class, defined in the model's section, that builds, trains and samples it
+    epochs: dict  # passes over the training set in each profile
+    colour: str  # its colour in every figure
+    curves: tuple  # the losses its curve shows (keys of the trainer's `losses`)
+    conditional: bool = False  # asked for a class through its label (a 10x10 grid instead of 10 samples)
+    default: bool = True  # trained unless --models says otherwise (False: opt in, Part C)
+    log_curves: bool = False  # loss curves on a log scale
+    trends: dict = field(default_factory=dict)  # loss -> what it estimates: the report lists it per epoch
+
+    def figure(self, name: str) -> str:
+        """The assignment's sample figure of this model."""
+        return f"{name}_grid.png" if self.conditional else f"{name}_samples.png"
+
+
+MODELS = {
+    "vae": ModelSpec("VAE", "VAETrainer", dict(smoke=1, cpu=10, full=30), "tab:blue", ("loss",)),
+    "gan": ModelSpec("GAN", "GANTrainer", dict(smoke=1, cpu=4, full=30), "tab:orange", ("G", "D")),
+    "cgan": ModelSpec("cGAN", "GANTrainer", dict(smoke=1, cpu=4, full=30), "tab:green", ("G", "D"),
+                      conditional=True),
+    "ddpm": ModelSpec("DDPM", "DDPMTrainer", dict(smoke=1, cpu=6, full=30), "tab:red", ("loss",),
+                      log_curves=True),
+    "wgan": ModelSpec("WGAN-GP", "WGANTrainer", dict(smoke=1, cpu=4, full=30), "tab:purple", ("W", "G"),
+                      default=False, trends={"W": "Wasserstein estimate E[C(x)] - E[C(G(z))]"}),
+    "cddpm": ModelSpec("cDDPM", "DDPMTrainer", dict(smoke=1, cpu=6, full=30), "tab:brown", ("loss",),
+                       conditional=True, default=False, log_curves=True),
+}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How a diffusion model draws: `ddim` (strided, deterministic) with `steps` network passes, or
+    `ancestral` (the paper's T steps); `guidance` is a conditional model's weight w (None: its setting)."""
+    kind: str = "ddim"
+    steps: int = 50
+    guidance: float | None = None
+
+
+# %% [markdown]
+# ### The one configuration object
+
+# %%
+# @title The Config class: every setting, with its help, group and profile values { display-mode: "form" }
+def setting(default, help: str, group: str, *, train: bool = True, flag: bool = True,
+            profiles: dict | None = None, parse=None):
+    """A Config field and what the rest of the code needs to know about it: its help text, its
+    --help group, whether it changes how a model trains (a checkpoint made with another value is
+    refused), whether a flag / MNIST_GEN_ variable may set it, its value in other profiles, and
+    how to read it from text (default: by its type)."""
+    meta = {"help": help, "group": group, "train": train, "flag": flag, "profiles": profiles or {},
+            "parse": parse}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_models(text: str) -> tuple:
+    return tuple(m.strip().lower() for m in text.split(",") if m.strip())
+
+
+def parse_epochs(text: str) -> dict:
+    n = int(text)
+    return {name: n for name in MODELS}
+
+
+def default_models() -> tuple:
+    return tuple(name for name, spec in MODELS.items() if spec.default)
+
+
+def cpu_epochs() -> dict:
+    return {name: spec.epochs["cpu"] for name, spec in MODELS.items()}
+
+
+GROUPS = {
+    "run": "what runs, on what data, where it goes",
+    "models": "each model's hyperparameters (the assignment fixes some; they have no flag)",
+    "measuring": "samplers and the measurements of Part B",
+    "studies": "the opt-in studies of Part C",
+    "speed": "mixed precision, compilation and shortened epochs",
+}
+
+
 @dataclass
 class Config:
-    profile: str = "cpu"  # smoke | cpu | full: fills in the defaults below
-    models: tuple = DEFAULT_MODELS  # which models to train, any of vae, gan, cgan, ddpm, wgan, cddpm
-    dataset: str = "mnist"  # mnist | fashion (Fashion-MNIST: clothes in the same 28x28 format, ten classes)
-    data_root: str = "./data"  # folder that holds (or will receive) MNIST/raw/ (FashionMNIST/raw/ for fashion)
-    out: str = "outputs"  # where figures, samples, checkpoints and results.json go
-    drive: str = ""  # Colab: a Google Drive folder (e.g. MyDrive/mnist-gen) that holds `out`, so a disconnect loses nothing
-    resume: bool = False  # continue each model from its last per-epoch checkpoint in out/checkpoints; finished ones are loaded
-    pretrained: bool = False  # train nothing: load each model's finished checkpoint from out/checkpoints, redo samples, figures, metrics
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    seed: int = 42  # one seed for python, numpy, torch and the data order
-    batch_size: int = 128  # fixed by the assignment for every model
-    epochs: dict = field(default_factory=dict)  # passes over the training set, per model (--epochs N sets all)
-    max_batches: int = 0  # >0 caps the batches per epoch (smoke tests); 0 = whole epoch
-    n_samples: int = 1000  # images exported per model to samples/<model>.npz
-    amp: str = "auto"  # mixed precision + channels-last: auto (bf16 on Ampere+ GPUs and AMX CPUs, fp16 on older GPUs) | bf16 | fp16 | off
-    compile: bool = False  # torch.compile the networks being trained (slow first steps, then faster; CUDA only)
+    profile: str = setting("cpu", "smoke | cpu | full: fills in the defaults (auto: full with CUDA, else cpu)",
+                           "run", train=False, flag=False)
+    models: tuple = setting(default_models, f"comma list of {', '.join(MODELS)}", "run", train=False,
+                            parse=parse_models)
+    epochs: dict = setting(cpu_epochs, "passes over the training set, per model (a number sets them all)", "run",
+                           train=False, parse=parse_epochs)
+    dataset: str = setting("mnist", "mnist | fashion (Fashion-MNIST: clothes in the same 28x28 format)", "run")
+    data_root: str = setting("./data", "folder that holds (or receives) MNIST/raw/ (FashionMNIST/raw/)", "run",
+                             train=False)
+    out: str = setting("outputs", "where figures, samples, checkpoints and results go", "run", train=False)
+    drive: str = setting("", "Colab: a Google Drive folder (e.g. MyDrive/mnist-gen) that holds `out`, mounted at "
+                             "the start, so a disconnect loses nothing", "run", train=False)
+    resume: bool = setting(False, "continue each model from its last per-epoch checkpoint; finished ones are "
+                                  "loaded", "run", train=False)
+    pretrained: bool = setting(False, "train nothing: load each finished checkpoint, redo samples, figures and "
+                                      "metrics", "run", train=False)
+    device: str = setting("auto", "auto (CUDA when present) | cpu | cuda", "run", train=False)
+    seed: int = setting(42, "one seed for python, numpy, torch and the data order", "run")
+    batch_size: int = setting(128, "fixed by the assignment for every model", "run", flag=False)
+    n_samples: int = setting(1000, "images exported per model to samples/<model>.npz", "run", train=False,
+                             profiles={"smoke": 20, "full": 10000})
+    progress: str = setting("auto", "auto: live bars on a terminal or in a notebook, a line every 30 s in a log | "
+                                    "log: a line every 30 s (saved notebooks) | off", "run", train=False)
     # VAE
-    vae_latent: int = 16  # size of the code z
-    vae_width: int = 32  # decoder channels at 14x14 (2x at 7x7); the encoder's layers are 16x and 8x this
-    vae_lr: float = 1e-3  # Adam learning rate (assignment: 1e-3)
+    vae_latent: int = setting(16, "size of the VAE's code z", "models")
+    vae_width: int = setting(32, "VAE decoder channels at 14x14 (2x at 7x7); the encoder's layers are 16x "
+                                 "and 8x this", "models")
+    vae_lr: float = setting(1e-3, "VAE Adam learning rate (assignment: 1e-3)", "models", flag=False)
     # GAN and cGAN
-    gan_noise: int = 100  # size of the noise vector (assignment: 100)
-    gan_width: int = 64  # G and D channels at 14x14 (2x at 7x7)
-    gan_lr: float = 2e-4  # Adam learning rate for G and D (assignment: 2e-4)
-    gan_beta1: float = 0.5  # Adam beta1; 0.5 is the usual choice for GANs
-    cgan_real_target: float = 0.9  # one-sided label smoothing for the cGAN's real targets
-    # WGAN-GP (opt in: --models ...,wgan)
-    wgan_lr: float = 1e-4  # Adam learning rate for G and the critic (Gulrajani et al.: 1e-4, betas 0 and 0.9)
-    wgan_n_critic: int = 5  # critic steps (batches) per generator step
-    wgan_gp: float = 10.0  # lambda, the weight of the gradient penalty
-    # DDPM
-    ddpm_T: int = 1000  # diffusion steps of the forward process
-    ddpm_beta_start: float = 1e-4  # noise variance added at the first step
-    ddpm_beta_end: float = 0.02  # noise variance added at the last step
-    ddpm_width: int = 64  # U-Net channels at 14x14 (doubled at 7x7)
-    ddpm_lr: float = 1e-3  # Adam peak learning rate
-    ddpm_warmup: int = 200  # optimizer steps of linear learning-rate warm-up
-    ddpm_ema: float = 0.999  # decay of the weight average used for sampling (0 = off)
-    ddpm_min_snr: float = 5.0  # min-SNR-gamma loss weighting over timesteps (0 = plain MSE)
-    sampler: str = "ddim"  # ddim (strided, deterministic) | ancestral (the paper's T steps)
-    ddim_steps: int = 50  # network passes per DDIM sample
-    ancestral_preview: int = 10  # images also drawn with the T-step ancestral sampler (0 = none)
-    ddpm_study_steps: int = 0  # >0: also run the DDPM design study, this many steps per variant
-    # class-conditional DDPM with classifier-free guidance (opt in: --models ...,cddpm)
-    cddpm_p_uncond: float = 0.1  # probability that a training label is replaced by the null label
-    cddpm_guidance: float = 1.0  # guidance weight w of the exported samples (0 = conditional, no guidance)
-    # opt-in studies
-    sampler_study: bool = False  # from the DDPM's weights: FID and time of ancestral-1000 and DDIM-100/50/20/10
-    sweep_steps: int = 0  # >0: latent-size and width sweeps of VAE and GAN, this many optimizer steps per setting
-    reference_ddpm: bool = False  # also train the slower public DDPM design for as long as ours trained; compare FIDs
-    # measuring (section 9): a small CNN classifier trained here drives every metric
-    eval_epochs: int = 2  # passes over the training set for the evaluator
-    epoch_fid_samples: int = 1000  # samples per model for the classifier-FID after every epoch
-    epoch_fid_ddpm_samples: int = 500  # the same for the DDPM, whose samples cost more
-    epoch_fid_ddim_steps: int = 20  # DDIM steps of those per-epoch DDPM samples
-    seeds: int = 1  # >1: train every model again with seeds seed+1, seed+2, ... and report the spread
-    benchmark: bool = False  # instead of the run: time each model's training step and sampling (benchmark.json)
+    gan_noise: int = setting(100, "size of the GAN's noise vector (assignment: 100)", "models", flag=False)
+    gan_width: int = setting(64, "G and D channels at 14x14 (2x at 7x7)", "models")
+    gan_lr: float = setting(2e-4, "Adam learning rate of G and D (assignment: 2e-4)", "models", flag=False)
+    gan_beta1: float = setting(0.5, "Adam beta1 of the GANs (0.5 is the usual choice)", "models", flag=False)
+    cgan_real_target: float = setting(0.9, "the cGAN's target for real images (one-sided label smoothing)",
+                                      "models", flag=False)
+    # WGAN-GP
+    wgan_lr: float = setting(1e-4, "WGAN-GP Adam learning rate of G and the critic (betas 0 and 0.9)", "models",
+                             flag=False)
+    wgan_n_critic: int = setting(5, "WGAN-GP critic steps (batches) per generator step", "models")
+    wgan_gp: float = setting(10.0, "WGAN-GP lambda, the weight of the gradient penalty", "models")
+    # DDPM and cDDPM
+    ddpm_T: int = setting(1000, "diffusion steps of the forward process", "models", flag=False)
+    ddpm_beta_start: float = setting(1e-4, "noise variance added at the first step", "models", flag=False)
+    ddpm_beta_end: float = setting(0.02, "noise variance added at the last step", "models", flag=False)
+    ddpm_width: int = setting(64, "U-Net channels at 14x14 (doubled at 7x7)", "models")
+    ddpm_lr: float = setting(1e-3, "DDPM Adam peak learning rate", "models")
+    ddpm_warmup: int = setting(200, "optimizer steps of linear learning-rate warm-up", "models", flag=False,
+                               profiles={"smoke": 1})
+    ddpm_ema: float = setting(0.999, "decay of the weight average used for sampling (0 = off)", "models")
+    ddpm_min_snr: float = setting(5.0, "min-SNR-gamma loss weighting over timesteps (0 = plain MSE)", "models")
+    cddpm_p_uncond: float = setting(0.1, "probability that a cDDPM training label is replaced by the null label",
+                                    "models", flag=False)
+    cddpm_guidance: float = setting(1.0, "guidance weight w of the cDDPM's exported samples (0 = none)", "models",
+                                    train=False)
+    # sampling and measuring
+    sampler: str = setting("ddim", "DDPM export sampler: ddim (strided, deterministic) | ancestral (the paper's "
+                                   "T steps)", "measuring", train=False, profiles={"full": "ancestral"})
+    ddim_steps: int = setting(50, "network passes per DDIM sample", "measuring", train=False, profiles={"smoke": 5})
+    ancestral_preview: int = setting(10, "DDPM images also drawn with the T-step ancestral sampler (0 = none)",
+                                     "measuring", train=False, profiles={"smoke": 0})
+    eval_epochs: int = setting(2, "passes over the training set for the evaluator", "measuring", train=False,
+                               profiles={"smoke": 1, "full": 3})
+    epoch_fid_samples: int = setting(1000, "samples per model drawn after every epoch for the per-epoch FID",
+                                     "measuring", train=False, profiles={"smoke": 20})
+    epoch_fid_ddpm_samples: int = setting(500, "the same for diffusion models, whose samples cost more",
+                                          "measuring", train=False, profiles={"smoke": 20, "full": 1000})
+    epoch_fid_ddim_steps: int = setting(20, "DDIM steps of those per-epoch diffusion samples", "measuring",
+                                        train=False, profiles={"smoke": 2, "full": 50})
+    # opt-in studies (Part C)
+    sampler_study: bool = setting(False, "from the DDPM's weights: FID and time of ancestral-1000 and "
+                                         "DDIM-100/50/20/10", "studies", train=False)
+    sweep_steps: int = setting(0, ">0: latent-size and width sweeps of VAE and GAN, this many optimizer steps "
+                                  "per setting", "studies", train=False)
+    seeds: int = setting(1, ">1: train every model again with seeds seed+1, seed+2, ... and report the spread",
+                         "studies", train=False)
+    ddpm_study_steps: int = setting(0, ">0: the DDPM design study, this many steps per variant", "studies",
+                                    train=False)
+    reference_ddpm: bool = setting(False, "also train the slower public DDPM design for as long as ours trained",
+                                   "studies", train=False)
+    benchmark: bool = setting(False, "instead of the run: time each model's training step and sampling",
+                              "studies", train=False)
+    # speed
+    amp: str = setting("auto", "mixed precision + channels-last: auto (bf16 on Ampere+ GPUs and AMX CPUs, fp16 "
+                               "on older GPUs) | bf16 | fp16 | off", "speed")
+    compile: bool = setting(False, "torch.compile the networks being trained (CUDA only)", "speed")
+    max_batches: int = setting(0, ">0 caps the batches per epoch (smoke tests); 0 = whole epochs", "speed",
+                               profiles={"smoke": 2})
 
     def model_epochs(self, name: str) -> int:
         return self.epochs[name]
 
 
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+NOT_TRAINING_FIELDS = {name for name, f in FIELDS.items() if not f.metadata["train"]}
+FLAGS = [name for name, f in FIELDS.items() if f.metadata["flag"]]  # also MNIST_GEN_<NAME>
+PR_K = 5  # the k of the k-NN manifolds in precision and recall (Kynkaanniemi et al. 2019), section 9
+
+
 def profile_defaults(profile: str) -> dict:
-    """The settings each profile changes; everything else keeps the Config default."""
-    if profile == "smoke":
-        return dict(epochs={m: 1 for m in ALL_MODELS}, max_batches=2, n_samples=20,
-                    ddim_steps=5, ancestral_preview=0, eval_epochs=1, ddpm_warmup=1,
-                    epoch_fid_samples=20, epoch_fid_ddpm_samples=20, epoch_fid_ddim_steps=2)
-    if profile == "cpu":
-        return dict(epochs={"vae": 10, "gan": 4, "cgan": 4, "ddpm": 6, "wgan": 4, "cddpm": 6},
-                    n_samples=1000, sampler="ddim", ddim_steps=50, eval_epochs=2)
-    if profile == "full":
-        return dict(epochs={m: 30 for m in ALL_MODELS}, n_samples=10000,
-                    sampler="ancestral", eval_epochs=3, epoch_fid_ddpm_samples=1000, epoch_fid_ddim_steps=50)
-    raise SetupError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    """The settings a profile changes; every other field keeps its Config default."""
+    if profile not in PROFILES:
+        raise SetupError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    values = {name: f.metadata["profiles"][profile] for name, f in FIELDS.items() if profile in f.metadata["profiles"]}
+    return {**values, "epochs": {name: spec.epochs[profile] for name, spec in MODELS.items()}}
 
 
-# Settings a user may change, with their types: `--n-samples` on the command line,
-# `MNIST_GEN_N_SAMPLES` in the environment.
-OVERRIDES = {
-    "models": str, "dataset": str, "epochs": int, "data_root": str, "out": str, "drive": str, "resume": bool,
-    "pretrained": bool,
-    "device": str, "seed": int,
-    "n_samples": int, "amp": str, "compile": bool, "sampler": str, "ddim_steps": int, "max_batches": int,
-    "ancestral_preview": int, "ddpm_width": int, "ddpm_lr": float, "ddpm_min_snr": float,
-    "ddpm_ema": float, "eval_epochs": int, "ddpm_study_steps": int, "epoch_fid_samples": int,
-    "epoch_fid_ddpm_samples": int, "epoch_fid_ddim_steps": int, "seeds": int, "benchmark": bool,
-    "vae_latent": int, "vae_width": int, "gan_width": int, "wgan_n_critic": int, "wgan_gp": float,
-    "cddpm_guidance": float, "sampler_study": bool, "sweep_steps": int, "reference_ddpm": bool,
-}
-
-
-def parse_value(name: str, text: str, source: str):
-    kind = OVERRIDES[name]
-    if kind is bool:
+def parse_value(name: str, text, source: str):
+    """A setting's value from text (a flag, an environment variable, a settings-cell field)."""
+    f = FIELDS[name]
+    text = str(text)
+    if f.type is bool:
         if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             raise SetupError(f"{source}: {text!r} is not a valid switch for {name}: use 1 or 0")
         return text.lower() in ("1", "true", "yes", "on")
     try:
-        return kind(text)
+        return (f.metadata["parse"] or f.type)(text)
     except ValueError:
-        raise SetupError(f"{source}: {text!r} is not a valid {kind.__name__} for {name}") from None
+        kind = "int" if f.type is dict else f.type.__name__
+        raise SetupError(f"{source}: {text!r} is not a valid {kind} for {name}") from None
 
 
-def field_comments() -> dict:
-    """Each Config field's comment, read from the class source: the one place they are written."""
-    import inspect
-    import re
-    try:
-        source = inspect.getsource(Config)
-    except (OSError, TypeError):  # no source file to read (e.g. some notebook front-ends)
-        return {}
-    return dict(re.findall(r"^\s+(\w+): [^=]+=.*?#\s*(.+)$", source, re.M))
+def shown(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train and compare VAE, GAN, cGAN and DDPM (and WGAN-GP, conditional DDPM) on MNIST "
-                    "or Fashion-MNIST.")
-    parser.add_argument("--profile", choices=PROFILES,
-                        help="smoke | cpu | full (default: full with CUDA, else cpu)")
-    comments = field_comments()
-    for name, kind in OVERRIDES.items():
-        switch = {"nargs": "?", "const": "1"} if kind is bool else {}  # `--benchmark` alone means on
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=str, **switch,
-                            help=f"{comments.get(name, name)} (env MNIST_GEN_{name.upper()})")
+        prog=Path(sys.argv[0]).name if not IN_KERNEL else "mnist_generative_models_complete.py",
+        usage="%(prog)s [--profile {smoke,cpu,full}] [--models LIST] [--SETTING VALUE ...]  (--help lists them)",
+        description="Train and compare VAE, GAN, cGAN and DDPM (and the opt-in WGAN-GP and conditional DDPM) "
+                    "on MNIST or Fashion-MNIST.",
+        epilog="Epochs per profile: " + "; ".join(
+            f"{p}: " + ", ".join(f"{n} {s.epochs[p]}" for n, s in MODELS.items()) for p in PROFILES)
+        + ". Precedence, lowest first: the profile's defaults < the notebook's settings cell < MNIST_GEN_<NAME> "
+          "environment variables < these flags. Exit status 2: a setting or an input that cannot work (nothing was "
+          "trained); 1: a failure while running (a model that diverged, a missed checklist item).")
+    base = Config()
+    for group, about in GROUPS.items():
+        args = parser.add_argument_group(group, about)
+        if group == "run":
+            args.add_argument("--profile", choices=PROFILES, help=f"{FIELDS['profile'].metadata['help']} "
+                              "(env MNIST_GEN_PROFILE)")
+        for name in FLAGS:
+            f = FIELDS[name]
+            if f.metadata["group"] != group:
+                continue
+            others = "".join(f", {p} {shown(v)}" for p, v in f.metadata["profiles"].items())
+            default = "per model, below" if name == "epochs" else (shown(getattr(base, name)) or "none") + others
+            switch = {"nargs": "?", "const": "1"} if f.type is bool else {}  # `--benchmark` alone means on
+            args.add_argument("--" + name.replace("_", "-"), dest=name, type=str, **switch,
+                              help=f"{f.metadata['help']} (default: {default}; env MNIST_GEN_{name.upper()})")
     return parser
 
 
-def make_config(argv=None, env=None) -> Config:
-    """Profile defaults, then MNIST_GEN_* environment variables, then flags."""
+def make_config(argv=None, env=None, cell=None) -> Config:
+    """Profile defaults < the notebook's settings cell < MNIST_GEN_* environment variables < flags.
+    argv: the command line (None in a notebook); cell: the settings cell's values."""
     env = os.environ if env is None else env
     args = build_parser().parse_args(argv) if argv is not None else None
-    cuda = torch.cuda.is_available()
-    profile = (args.profile if args and args.profile else env.get("MNIST_GEN_PROFILE")) or (
-        "full" if cuda else "cpu")
+    cell = {k: v for k, v in (cell or {}).items() if v not in ("", 0, False, None)}  # empty: not set
+    profile = ((args.profile if args else None) or env.get("MNIST_GEN_PROFILE") or cell.pop("profile", None)
+               or ("full" if torch.cuda.is_available() else "cpu"))
+    cell.pop("profile", None)  # when a flag or the environment chose it
     cfg = Config(profile=profile, **profile_defaults(profile))
-    overrides = {}
-    for name in OVERRIDES:
-        if env.get("MNIST_GEN_" + name.upper()):
-            overrides[name] = parse_value(name, env["MNIST_GEN_" + name.upper()],
-                                          "MNIST_GEN_" + name.upper())
-        if args is not None and getattr(args, name) is not None:
-            overrides[name] = parse_value(name, getattr(args, name), "--" + name.replace("_", "-"))
-    for name, value in overrides.items():
-        if name == "models":
-            value = tuple(m.strip().lower() for m in value.split(",") if m.strip())
-        if name == "epochs":
-            value = {m: value for m in ALL_MODELS}
-        setattr(cfg, name, value)
+    layers = [("the settings cell", {k: (v, f"settings cell field {k}") for k, v in cell.items()}),
+              ("environment", {n: (env["MNIST_GEN_" + n.upper()], "MNIST_GEN_" + n.upper())
+                               for n in FLAGS if env.get("MNIST_GEN_" + n.upper())}),
+              ("flags", {n: (getattr(args, n), "--" + n.replace("_", "-"))
+                         for n in FLAGS if args is not None and getattr(args, n) is not None})]
+    for _, values in layers:
+        for name, (text, source) in values.items():
+            setattr(cfg, name, parse_value(name, text, source))
     validate(cfg)
     return cfg
 
@@ -271,9 +405,8 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise SetupError(message)
 
-    unknown = [m for m in cfg.models if m not in ALL_MODELS]
-    need(not unknown and cfg.models,
-         f"unknown model(s) {unknown or cfg.models}: use a comma list of {','.join(ALL_MODELS)}")
+    unknown = [m for m in cfg.models if m not in MODELS]
+    need(not unknown and cfg.models, f"unknown model(s) {unknown or cfg.models}: use a comma list of {','.join(MODELS)}")
     need(all(cfg.epochs[m] >= 1 for m in cfg.models), "epochs must be 1 or more")
     need(cfg.dataset in DATASETS, f"dataset {cfg.dataset!r}: use {' or '.join(DATASETS)}")
     need(cfg.vae_latent >= 2 and cfg.vae_width >= 1 and cfg.gan_width >= 1,
@@ -290,6 +423,7 @@ def validate(cfg: Config) -> None:
          "device cuda was asked for but torch sees no CUDA GPU: use --device cpu (or auto)")
     need(cfg.n_samples >= 10, "n_samples must be at least 10 (one per digit for the cGAN)")
     need(cfg.max_batches >= 0, "max_batches must be 0 (whole epochs) or more")
+    need(cfg.progress in ("auto", "log", "off"), f"progress {cfg.progress!r}: use auto, log or off")
     need(cfg.amp in ("auto", "bf16", "fp16", "off"), f"amp {cfg.amp!r}: use auto, bf16, fp16 or off")
     need(cfg.sampler in ("ddim", "ancestral"), f"sampler {cfg.sampler!r}: use ddim or ancestral")
     need(1 <= cfg.ddim_steps <= cfg.ddpm_T, f"ddim_steps must be between 1 and {cfg.ddpm_T}")
@@ -303,24 +437,110 @@ def validate(cfg: Config) -> None:
          f"epoch_fid_samples and epoch_fid_ddpm_samples must be at least {PR_K + 1}")
     need(1 <= cfg.epoch_fid_ddim_steps <= cfg.ddpm_T, f"epoch_fid_ddim_steps must be between 1 and {cfg.ddpm_T}")
     need(cfg.seeds >= 1, "seeds must be 1 (one run) or more")
-    need(not cfg.compile or (cfg.device != "cpu" and torch.cuda.is_available()), "compile is for CUDA runs (on a CPU it needs a C++ "
-         "toolchain and was not measured to help): drop --compile or use --device cuda")
+    need(not cfg.compile or (cfg.device != "cpu" and torch.cuda.is_available()), "compile is for CUDA runs (on a "
+         "CPU it needs a C++ toolchain and was not measured to help): drop --compile or use --device cuda")
 
 
-def use_drive(cfg: Config) -> None:
-    """Colab: mount Google Drive and move `out` into cfg.drive, so outputs and checkpoints survive a
-    disconnect (rerun with resume on to continue where training stopped)."""
-    if not cfg.drive:
-        return
-    try:
-        from google.colab import drive
-    except ImportError:
-        raise SetupError("drive is a Google Colab setting (it mounts your Drive); elsewhere choose "
-                         "the output folder with --out") from None
-    drive.mount("/content/drive")
-    cfg.out = str(Path("/content/drive") / cfg.drive / cfg.out)
+# %% [markdown]
+# ### The run and its stages
+#
+# The values every stage needs (the config, the device, the data, the evaluator and its reference
+# features, the output folder, the trained models and the results) travel as one object, `Run`.
+# Every cell that does work is a **stage**: a function marked `@stage`, which this notebook runs at
+# once on its `Run` when the cell is reached. The script twin runs the same cells top to bottom;
+# `run(ctx)` replays them all in order (the tests use it).
+
+# %%
+# @title The run context and its stages { display-mode: "form" }
+@dataclass
+class Trained:
+    """One trained model: its trainer (networks, optimizers, `sample`), its loss history and its exports."""
+    name: str
+    model: object
+    history: object
+    parameters: int
+    samples: np.ndarray | None = None  # the exported images, uint8 [n, 28, 28]
+    asked: torch.Tensor | None = None  # the classes asked of a conditional model, one per sample
+    sample_seconds: float = 0.0  # wall time of drawing them
+    extras: dict = field(default_factory=dict)  # per-model numbers measured beside the samples
+
+    @property
+    def spec(self) -> ModelSpec:
+        return MODELS[self.name]
 
 
+@dataclass
+class Run:
+    cfg: Config
+    device: torch.device | None = None
+    out: Path | None = None
+    train: tuple | None = None  # (images uint8 [N, 28, 28], labels) on the training device
+    test: tuple | None = None  # the same on the CPU
+    evaluator: nn.Module | None = None
+    reference: torch.Tensor | None = None  # the test images every model is compared with
+    ref_feats: np.ndarray | None = None  # the evaluator's features of those
+    models: dict = field(default_factory=dict)  # name -> Trained, in training order
+    arrays: dict = field(default_factory=dict)  # figure data that is not a number (images, coordinates)
+    results: dict = field(default_factory=lambda: {"models": {}, "failed": {}})
+    started: float = field(default_factory=time.perf_counter)
+
+    def wants(self, name: str) -> bool:
+        """Train `name` in this run: selected, and not a benchmark (which replaces the run)."""
+        return name in self.cfg.models and not self.cfg.benchmark
+
+    def checkpoint(self, name: str) -> Path:
+        return self.out / "checkpoints" / f"{name}.pt"
+
+    @property
+    def export_sampler(self) -> Sampler:
+        cfg = self.cfg
+        return Sampler(cfg.sampler, cfg.ddim_steps if cfg.sampler == "ddim" else cfg.ddpm_T)
+
+
+STAGES = []  # the work cells, in the order they appear
+
+
+def stage(fn):
+    """Mark a cell's work: in a notebook, or as a script, it runs at once on this run's context."""
+    STAGES.append(fn)
+    if RUN:
+        fn(ctx)
+    return fn
+
+
+def run(ctx: Run) -> Run:
+    """Run every stage of the notebook, in order, on `ctx` (as Run all does, cell by cell)."""
+    for fn in STAGES:
+        fn(ctx)
+    return ctx
+
+
+def script_error(kind, err, tb):
+    """As a script, a SetupError ends the run like argparse's own errors: the usage line, the message,
+    exit status 2, no traceback. Anything else keeps Python's report and its exit status 1."""
+    if not issubclass(kind, SetupError):
+        return sys.__excepthook__(kind, err, tb)
+    sys.stdout.flush()
+    build_parser().print_usage(sys.stderr)
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# %%
+if RUN:
+    if not IN_KERNEL:
+        sys.excepthook = script_error
+    cfg = make_config(sys.argv[1:] if not IN_KERNEL else None,
+                      cell=dict(profile=profile, models=models, epochs=epochs, dataset=dataset,
+                                data_root=data_root, out=out, drive=drive, resume=resume))
+    ctx = Run(cfg)
+
+
+# %% [markdown]
+# ### Helpers: device, precision, seeds, progress bars, files
+
+# %%
+# @title Helpers: device, precision, seeds, progress bars, files { display-mode: "form" }
 def pick_device(cfg: Config) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -333,8 +553,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+BAR = {"mininterval": 0.2 if (IN_KERNEL or sys.stderr.isatty()) else 30.0, "leave": False, "disable": False}
+LIVE_BARS = [True]  # False: plain text bars (a saved notebook keeps text, not widgets)
+
+
+def configure_progress(cfg: Config) -> None:
+    """auto: live bars on a terminal or in a notebook, a line every 30 s in a log; log: always the latter."""
+    live = cfg.progress == "auto" and (IN_KERNEL or sys.stderr.isatty())
+    BAR.update(mininterval=0.2 if live else 30.0, disable=cfg.progress == "off")
+    LIVE_BARS[0] = cfg.progress == "auto"
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A progress bar (tqdm.auto: a widget in a notebook) that stays quiet in logs."""
+    return (tqdm if LIVE_BARS[0] else text_tqdm)(iterable, **{**BAR, **kwargs})
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_amx() -> bool:
+    """True on Intel CPUs with AMX (bf16 matrix tiles), where bf16 convolutions run 2-3x faster."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_has_bf16() -> bool:
+    """Native bf16 from Ampere (compute capability 8) on; older GPUs such as Colab's T4 only emulate it."""
+    return torch.cuda.get_device_capability()[0] >= 8
+
+
+def amp_dtype(cfg: Config, device: torch.device):
+    """The autocast precision, or None for float32. auto: bf16 where the hardware runs it natively
+    (CUDA from Ampere on, CPUs with AMX), fp16 on older GPUs (with loss scaling), else float32."""
+    if cfg.amp != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg.amp]
+    if device.type == "cuda":
+        return torch.bfloat16 if cuda_has_bf16() else torch.float16
+    return torch.bfloat16 if cpu_has_amx() else None
+
+
+def amp_enabled(cfg: Config, device: torch.device) -> bool:
+    return amp_dtype(cfg, device) is not None
+
+
+def autocast(cfg: Config, device: torch.device):
+    """Autocast for forward passes in amp_dtype; weights and optimizer states stay float32."""
+    dtype = amp_dtype(cfg, device)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def show(fig, path: Path) -> None:
-    """Save a figure under outputs/ (atomically) and show it inline (in a notebook) or close it."""
+    """Save a figure under the output folder (atomically) and show it inline (in a notebook) or close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -344,14 +615,68 @@ def show(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def write_text(path: Path, text: str):
+    """Write atomically: a temporary file, then a rename, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj):
+    write_text(path, json.dumps(obj, indent=1, default=float))
+
+
+def save_npz(path: Path, **arrays):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, **state):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def use_drive(cfg: Config) -> None:
+    """Colab: mount Google Drive and move `out` into cfg.drive, so outputs and checkpoints survive a
+    disconnect (run again with resume on to continue where training stopped)."""
+    if not cfg.drive:
+        return
+    try:
+        from google.colab import drive
+    except ImportError:
+        raise SetupError("drive is a Google Colab setting (it mounts your Drive); elsewhere choose "
+                         "the output folder with --out") from None
+    drive.mount("/content/drive")
+    cfg.out = str(Path("/content/drive") / cfg.drive / cfg.out)
+
+
+def code_commit() -> str:
+    """The git commit of the code that runs, or why it is unknown."""
+    here = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
+        if head.returncode != 0:
+            return "unknown (not run from a git checkout)"
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "mnist_generative_models_complete.py"],
+                                 capture_output=True, timeout=10, cwd=here).returncode
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git here)"
+    return head.stdout.strip() + (" (with uncommitted changes to the code)" if changed else "")
+
+
 # %% [markdown]
 # ## 2. Data
 #
-# `torchvision.datasets.MNIST(root, download=True)` fetches the four IDX files once
-# (or finds them under `root/MNIST/raw/`). We keep the 60,000 training digits as **one
-# uint8 tensor** on the training device and cut batches from it with a seeded
-# permutation; conversion to float happens per batch. This avoids per-image PIL
-# transforms, which on a 2-core CPU cost more than training the VAE.
+# `torchvision.datasets.MNIST(root, download=True)` fetches the four IDX files once (or finds them
+# under `root/MNIST/raw/`). We keep the 60,000 training digits as **one uint8 tensor** on the
+# training device and cut batches from it with a seeded permutation; conversion to float happens per
+# batch. This avoids per-image PIL transforms, which on a 2-core CPU cost more than training the VAE
+# (the benchmark, section C8, times both).
 
 # %%
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -444,517 +769,63 @@ def one_hot(labels: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
     return F.one_hot(labels, n_classes).float()
 
 
-# %% [markdown]
-# ## 3. Variational autoencoder (VAE)
-#
-# An **encoder** takes the flattened image $x \in [0,1]^{784}$ and outputs the mean $\mu$
-# and log-variance $\log\sigma^2$ of a Gaussian over a small code $z$. We sample
-# $z = \mu + \sigma \odot \varepsilon$ with $\varepsilon \sim \mathcal N(0, I)$ (the
-# *reparameterisation trick*, so gradients flow through the sampling), and a
-# **convolutional decoder** turns $z$ back into a 28×28 image $\hat x$.
-#
-# The loss is the negative evidence lower bound, per image:
-#
-# $$\mathcal L = \underbrace{\mathrm{BCE}(\hat x, x)}_{\text{reconstruction}} +
-#   \underbrace{-\tfrac12 \textstyle\sum_j \left(1 + \log\sigma_j^2 - \mu_j^2 - \sigma_j^2\right)}_{\mathrm{KL}(q(z|x)\,\|\,\mathcal N(0,I))}$$
-#
-# The KL term pulls every code towards the standard normal, which is what lets us
-# generate by decoding $z \sim \mathcal N(0, I)$. Its price is blur: the decoder
-# predicts the *average* of the digits that could have produced a code.
-
-# %%
-class VAE(nn.Module):
-    """MLP encoder 784 -> 16w -> 8w -> (mu, log sigma^2); decoder z -> 2w x 7x7 -> w x 14x14 -> 28x28 (w = width)."""
-
-    def __init__(self, latent: int = 16, width: int = 32):
-        super().__init__()
-        self.latent = latent
-        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(784, 16 * width), nn.ReLU(),
-                                     nn.Linear(16 * width, 8 * width), nn.ReLU())
-        self.to_mu = nn.Linear(8 * width, latent)
-        self.to_logvar = nn.Linear(8 * width, latent)
-        self.decoder = nn.Sequential(
-            nn.Linear(latent, 2 * width * 7 * 7), nn.ReLU(), nn.Unflatten(1, (2 * width, 7, 7)),
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.ReLU(),  # 7 -> 14
-            nn.ConvTranspose2d(width, 1, 4, 2, 1))  # 14 -> 28, logits of x_hat
-
-    def encode(self, x):
-        h = self.encoder(x)
-        return self.to_mu(h), self.to_logvar(h)
-
-    def decode_logits(self, z):
-        return self.decoder(z)
-
-    def forward(self, x):
-        mu, logvar = self.encode(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # z = mu + sigma * eps
-        return self.decode_logits(z), mu, logvar
-
-    @torch.inference_mode()
-    def sample(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
-        z = torch.randn(n, self.latent, generator=gen, device=device)
-        return torch.sigmoid(self.decode_logits(z))  # in [0, 1]
-
-
-def vae_loss(x_hat_logits, x, mu, logvar):
-    """Return (total, reconstruction, KL), each summed over pixels / latents and averaged over the batch."""
-    bce = F.binary_cross_entropy_with_logits(x_hat_logits.float(), x, reduction="sum") / len(x)
-    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
-    return bce + kl, bce, kl
-
-
-# %% [markdown]
-# ## 4. Generative adversarial network (GAN)
-#
-# A **generator** $G$ maps noise $z \sim \mathcal N(0, I_{100})$ to an image; a
-# **discriminator** $D$ outputs the logit of "this image is real". They play
-#
-# $$\min_G \max_D \; \mathbb E_x[\log D(x)] + \mathbb E_z[\log(1 - D(G(z)))].$$
-#
-# In practice both use binary cross-entropy: $D$ is trained to say 1 on real and 0 on
-# fake, and $G$ is trained to make $D$ say 1 on its fakes (the *non-saturating* loss,
-# $-\log D(G(z))$, whose gradient does not vanish when $D$ wins early).
-# Both nets are DCGAN-style: transposed convolutions with batch norm up from 7×7 in
-# $G$, strided convolutions with LeakyReLU down to 7×7 in $D$. Images live in $[-1, 1]$
-# (tanh output). Sharp digits, but nothing forces $G$ to cover every digit: if it
-# finds one that fools $D$ it may keep drawing it (**mode collapse**).
-
-# %%
-class Generator(nn.Module):
-    """Noise (plus an optional one-hot label) -> 28x28 image in [-1, 1]."""
-
-    def __init__(self, noise: int = 100, n_classes: int = 0, width: int = 64):
-        super().__init__()
-        self.noise, self.n_classes = noise, n_classes
-        self.net = nn.Sequential(
-            nn.Linear(noise + n_classes, 2 * width * 7 * 7, bias=False),
-            nn.BatchNorm1d(2 * width * 7 * 7), nn.ReLU(), nn.Unflatten(1, (2 * width, 7, 7)),
-            nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),  # 7 -> 14
-            nn.BatchNorm2d(width), nn.ReLU(),
-            nn.ConvTranspose2d(width, 1, 4, 2, 1), nn.Tanh())  # 14 -> 28
-
-    def forward(self, z, y_onehot=None):
-        if self.n_classes:
-            z = torch.cat([z, y_onehot], dim=1)
-        return self.net(z)
-
-
-class Discriminator(nn.Module):
-    """Image (plus an optional label, as 10 constant one-hot planes) -> logit of 'real'.
-    batch_norm=False gives the WGAN-GP critic (section 5b), whose penalty needs per-image gradients."""
-
-    def __init__(self, n_classes: int = 0, width: int = 64, batch_norm: bool = True):
-        super().__init__()
-        self.n_classes = n_classes
-        self.net = nn.Sequential(
-            nn.Conv2d(1 + n_classes, width, 4, 2, 1), nn.LeakyReLU(0.2),  # 28 -> 14
-            nn.Conv2d(width, 2 * width, 4, 2, 1, bias=not batch_norm),  # 14 -> 7
-            nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity(), nn.LeakyReLU(0.2),
-            nn.Flatten(), nn.Linear(2 * width * 7 * 7, 1))
-
-    def forward(self, x, y_onehot=None):
-        if self.n_classes:
-            planes = y_onehot[:, :, None, None].expand(-1, -1, 28, 28)
-            x = torch.cat([x, planes], dim=1)
-        return self.net(x).squeeze(1)
-
-
-def d_loss(real_logits, fake_logits, real_target: float = 1.0):
-    """Discriminator BCE: real -> real_target (0.9 = one-sided smoothing), fake -> 0."""
-    real = F.binary_cross_entropy_with_logits(
-        real_logits.float(), torch.full_like(real_logits.float(), real_target))
-    fake = F.binary_cross_entropy_with_logits(
-        fake_logits.float(), torch.zeros_like(fake_logits.float()))
-    return real + fake
-
-
-def g_loss(fake_logits):
-    """Non-saturating generator BCE: make D call the fakes real."""
-    return F.binary_cross_entropy_with_logits(
-        fake_logits.float(), torch.ones_like(fake_logits.float()))
-
-
-# %% [markdown]
-# ## 5. Conditional GAN (cGAN)
-#
-# The same game with the label $y$ given to both players: $G(z, y)$ receives the noise
-# concatenated with a one-hot $y$, and $D(x, y)$ receives the image stacked with ten
-# constant planes, one-hot in $y$. Now $D$ rejects a good "3" that was supposed to be a
-# "7", so $G$ must obey the label: **we choose the digit**. Following the assignment,
-# $D$'s targets for real images are 0.9 instead of 1 (*one-sided label smoothing*),
-# which keeps $D$ from becoming over-confident and starving $G$ of gradient.
-# The classes are `Generator(n_classes=10)` and `Discriminator(n_classes=10)` above.
-
-# %% [markdown]
-# ## 5b. Wasserstein GAN with gradient penalty (WGAN-GP; opt in with `--models ...,wgan`)
-#
-# The GAN's discriminator answers "real or fake?"; when the two distributions barely overlap its
-# answer saturates and $G$'s gradient carries little information. WGAN replaces it with a **critic**
-# $C$ that outputs an unbounded score and estimates the Wasserstein-1 distance (the earth mover's
-# distance) between real and generated images:
-#
-# $$W(P_r, P_g) \approx \max_{\lVert C\rVert_L \le 1} \; \mathbb E_{x\sim P_r}[C(x)] - \mathbb E_{z}[C(G(z))].$$
-#
-# The maximum is over 1-Lipschitz functions. Gulrajani et al. (2017) enforce that softly with a
-# **gradient penalty** on random points between real and fake images,
-# $\hat x = \epsilon x + (1-\epsilon)\tilde x$, $\epsilon \sim U(0, 1)$:
-#
-# $$\mathcal L_C = \mathbb E[C(\tilde x)] - \mathbb E[C(x)] + \lambda\,\mathbb E\big[(\lVert\nabla_{\hat x} C(\hat x)\rVert_2 - 1)^2\big],
-#   \qquad \mathcal L_G = -\mathbb E[C(G(z))],$$
-#
-# with $\lambda = 10$. The penalty is per image, so the critic has **no batch norm** (it would mix the
-# images of a batch). The critic must be near its optimum for $W$ to be a good estimate, so it takes
-# `wgan_n_critic` = 5 steps (batches) per generator step, with Adam at $10^{-4}$, $\beta = (0, 0.9)$.
-# The per-epoch mean of $\hat W = \mathbb E[C(x)] - \mathbb E[C(\tilde x)]$ is reported beside the losses:
-# unlike the GAN's losses it should fall as the samples improve.
-
-# %%
-def gradient_penalty(critic, real, fake, gen: torch.Generator | None = None):
-    """E[(||grad_x_hat C(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) x_tilde, eps ~ U(0, 1) per image."""
-    eps = torch.rand(len(real), 1, 1, 1, generator=gen, device=real.device)
-    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    scores = critic(x_hat).float()
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)  # create_graph: the penalty is trained
-    return (grad.float().flatten(1).norm(2, dim=1) - 1).pow(2).mean()
-
-
-def critic_loss(real_scores, fake_scores, penalty, gp_weight: float):
-    """L_C = E[C(x_tilde)] - E[C(x)] + lambda * GP; the critic minimises it."""
-    return fake_scores.float().mean() - real_scores.float().mean() + gp_weight * penalty
-
-
-def wgan_g_loss(fake_scores):
-    """L_G = -E[C(G(z))]: the generator raises the critic's score of its samples."""
-    return -fake_scores.float().mean()
-
-
-# %% [markdown]
-# ## 6. Denoising diffusion probabilistic model (DDPM)
-#
-# **Forward process.** Fix variances $\beta_1..\beta_T$ (linear from $10^{-4}$ to $0.02$,
-# $T = 1000$), let $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{s \le t} \alpha_s$.
-# Adding noise step by step has a closed form, so any $x_t$ is one line away from $x_0$:
-#
-# $$q(x_t \mid x_0) = \mathcal N\!\left(\sqrt{\bar\alpha_t}\,x_0,\;(1-\bar\alpha_t) I\right),
-#   \qquad x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon .$$
-#
-# **Training.** A U-Net $\varepsilon_\theta(x_t, t)$ predicts the noise; the loss is the
-# MSE to the true noise, $\lVert \varepsilon - \varepsilon_\theta(x_t, t)\rVert^2$, at a
-# random $t$.
-#
-# **Sampling (ancestral, the paper's).** Start at $x_T \sim \mathcal N(0, I)$ and step
-# down: $x_{t-1} = \frac{1}{\sqrt{\alpha_t}}\left(x_t - \frac{\beta_t}{\sqrt{1-\bar\alpha_t}}
-# \varepsilon_\theta(x_t,t)\right) + \sigma_t z$, with $\sigma_t^2 = \tilde\beta_t =
-# \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\beta_t$. That is $T = 1000$ network passes per image.
-#
-# **Sampling (DDIM, strided).** The same network also defines a deterministic path that
-# may skip steps: predict $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$,
-# then jump to an earlier $s < t$ with $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s}\,\varepsilon_\theta$.
-# With 50 jumps instead of 1000 it is 20× cheaper, which is what a CPU can afford.
-#
-# ### Design choices for learning fast on a CPU
-# In the `cpu` profile a 2-core CPU gives the DDPM about 15 minutes: 6 epochs, 2,808
-# optimizer steps. Each step must therefore be cheap and teach the network as much as
-# possible. What we chose:
-#
-# * **Compute where it pays.** A *space-to-depth stem* folds each 2×2 pixel block into
-#   4 channels (`pixel_unshuffle`), so the U-Net works at 14×14 and 7×7 only. A plain
-#   U-Net with 32 channels at 28×28 spends 0.75 s a step and learns more slowly per
-#   second; this one gives 64 channels at 14×14 and 128 at 7×7 (with one
-#   self-attention layer at 7×7 for global shape) for less time per step. On our 2-core
-#   test machine (a Xeon with AMX bf16 units) one step took 0.32 s in float32 and 0.23 s
-#   with bfloat16 autocast and the channels-last layout, timed back to back; `amp="auto"`
-#   turns these on only on such CPUs (and on CUDA GPUs from Ampere on). Writing the
-#   self-attention out (below) instead of calling PyTorch's fused kernel, whose CPU backward
-#   is slow for 49 pixels, brought whole `cpu` runs from about 0.33 s to 0.23 s per step;
-#   the machine varies by up to 30%, so expect some spread.
-# * **A higher learning rate with warm-up.** Adam at $10^{-3}$ after a 200-step linear
-#   warm-up, instead of the usual $2\cdot10^{-4}$ that assumes hundreds of thousands of steps.
-# * **EMA of the weights.** Sampling uses an exponential moving average of the weights
-#   (decay 0.999, shortened early on), which removes the step-to-step jitter of the last
-#   updates; on a short budget this is the cheapest quality gain there is.
-# * **Min-SNR-$\gamma$ loss weighting** ($\gamma=5$): the per-timestep MSE is weighted by
-#   $w_t = \min(\mathrm{SNR}_t, \gamma)/\mathrm{SNR}_t$ with
-#   $\mathrm{SNR}_t = \bar\alpha_t/(1-\bar\alpha_t)$. Nearly noise-free steps, whose
-#   noise is hard to see and matter little to the sample, stop dominating the gradient.
-#   The loss is still an MSE on the predicted noise, only weighted per timestep.
-#
-# Section 13 below (`ddpm_design_study`) measures what each choice is worth: it trains
-# the variants for the same number of steps and plots their classifier-FID as they learn.
-# In our run (`outputs/ddpm-design-study/`, 2,800 steps each) the FID after 2,800 steps was
-# 471 with the common defaults, 479 with only the higher learning rate (it learns faster
-# but the raw weights jitter: its curve zig-zags), 236 once EMA smooths them, and 186 with
-# min-SNR weighting on top, which is the lowest of the four at every checkpoint.
-#
-# ![DDPM design study](outputs/ddpm-design-study/ddpm_design.png)
-
-# %%
-class Schedule:
-    """The fixed variances beta_t and the quantities derived from them, indexed t = 0..T-1."""
-
-    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, device="cpu"):
-        self.T = T
-        self.beta = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
-        self.alpha = 1.0 - self.beta
-        self.alpha_bar = torch.cumprod(self.alpha, dim=0)
-        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
-        self.posterior_var = self.beta * (1 - alpha_bar_prev) / (1 - self.alpha_bar)  # beta~_t
-        self.snr = self.alpha_bar / (1 - self.alpha_bar)
-        for name in ("beta", "alpha", "alpha_bar", "posterior_var", "snr"):
-            setattr(self, name, getattr(self, name).float().to(device))
-
-
-def q_sample(sched: Schedule, x0, t, eps):
-    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
-    ab = sched.alpha_bar[t].view(-1, 1, 1, 1)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-
-
-def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """The Transformer's position code applied to the timestep: sin and cos at geometric frequencies."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the time embedding added in between, plus a skip path."""
-
-    def __init__(self, c_in: int, c_out: int, t_dim: int):
-        super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.t_proj = nn.Linear(t_dim, c_out)
-        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
-
-    def forward(self, x, t_emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.t_proj(t_emb)[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
-        return h + self.skip(x)
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the pixels of a small feature map."""
-
-    def __init__(self, c: int, heads: int = 4):
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(8, c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)
-        self.proj = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        b, c, h, w = x.shape
-        d = c // self.heads
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, d, h * w).unbind(1)  # [b, heads, d, pixels]
-        # softmax(Q K^T / sqrt(d)) V, written out: for 49 pixels this is 4x faster to train on a CPU
-        # than F.scaled_dot_product_attention, whose CPU backward is built for long sequences
-        weights = torch.softmax((q.transpose(-1, -2) @ k) * d ** -0.5, dim=-1)  # [b, heads, pixels, pixels]
-        out = v @ weights.transpose(-1, -2)  # [b, heads, d, pixels]
-        return x + self.proj(out.reshape(b, c, h, w))
-
-
-class UNet(nn.Module):
-    """eps_theta(x_t, t): 28x28 -> (space-to-depth) 14x14 -> 7x7 -> 14x14 -> 28x28, with a skip.
-    With n_classes > 0, eps_theta(x_t, t, y): a learned embedding of the label y (or of the null label
-    y = n_classes, "no label") is added to the time embedding (section 6b)."""
-
-    def __init__(self, width: int = 64, t_dim: int = 128, n_classes: int = 0):
-        super().__init__()
-        c, self.t_dim = width, t_dim
-        self.t_mlp = nn.Sequential(nn.Linear(t_dim, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
-        self.stem = nn.Conv2d(4, c, 3, padding=1)  # after pixel_unshuffle: 1x28x28 -> 4x14x14
-        self.down1 = ResBlock(c, c, t_dim)  # 14x14
-        self.downsample = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)  # 14 -> 7
-        self.down2 = ResBlock(2 * c, 2 * c, t_dim)  # 7x7
-        self.mid_attn = SelfAttention(2 * c)
-        self.mid = ResBlock(2 * c, 2 * c, t_dim)
-        self.upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                      nn.Conv2d(2 * c, c, 3, padding=1))  # 7 -> 14
-        self.up1 = ResBlock(2 * c, c, t_dim)  # after concatenating the 14x14 skip
-        self.head = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 4, 3, padding=1))
-        self.n_classes = n_classes
-        if n_classes:  # made last, so the unconditional U-Net's initial weights do not change
-            self.label_emb = nn.Embedding(n_classes + 1, t_dim)  # index n_classes = the null label
-
-    def forward(self, x_t, t, y=None):
-        t_emb = self.t_mlp(sinusoidal_embedding(t, self.t_dim))
-        if self.n_classes:
-            y = torch.full_like(t, self.n_classes) if y is None else y
-            t_emb = t_emb + self.label_emb(y)
-        h = self.stem(F.pixel_unshuffle(x_t, 2))
-        skip = self.down1(h, t_emb)
-        h = self.down2(self.downsample(skip), t_emb)
-        h = self.mid(self.mid_attn(h), t_emb)
-        h = self.up1(torch.cat([self.upsample(h), skip], dim=1), t_emb)
-        return F.pixel_shuffle(self.head(h), 2)  # 4x14x14 -> 1x28x28: predicted noise
-
-
-def ddpm_loss(model, sched: Schedule, x0, gen: torch.Generator, min_snr: float = 0.0, y=None, p_uncond: float = 0.0):
-    """MSE between the true noise eps and eps_theta(x_t, t) at uniform random t,
-    weighted per timestep by min(SNR_t, gamma) / SNR_t when min_snr = gamma > 0.
-    With labels y (conditional model), each is replaced by the null label with probability p_uncond."""
-    t = torch.randint(0, sched.T, (len(x0),), generator=gen, device=x0.device)
-    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
-    x_t = q_sample(sched, x0, t, eps)
-    if y is not None:
-        drop = torch.rand(len(y), generator=gen, device=y.device) < p_uncond
-        y = torch.where(drop, torch.full_like(y, model.n_classes), y)
-    mse = (predict_eps(model, x_t, t, y) - eps).pow(2).mean(dim=(1, 2, 3))
-    if min_snr > 0:
-        snr = sched.snr[t]
-        mse = mse * torch.clamp(snr, max=min_snr) / snr
-    return mse.mean()
-
-
-def predict_eps(model, x_t, t, y=None, w: float = 0.0):
-    """eps_theta(x_t, t); with labels y, eps_theta(x_t, t, y); with guidance w > 0 as well,
-    eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null): both in one batch of 2n."""
-    if y is None:
-        return model(x_t, t).float()
-    if w == 0:
-        return model(x_t, t, y).float()
-    null = torch.full_like(y, model.n_classes)
-    eps_y, eps_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
-    return (1 + w) * eps_y - w * eps_null
-
-
-@torch.inference_mode()
-def sample_ancestral(model, sched: Schedule, n: int, gen: torch.Generator, device, progress=True, y=None, w=0.0):
-    """The paper's sampler: T steps of x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z.
-    y (labels) and w (guidance weight): for the conditional model, see predict_eps."""
-    x = torch.randn(n, 1, 28, 28, generator=gen, device=device)
-    for t in tqdm(range(sched.T - 1, -1, -1), desc="ancestral", disable=not progress, **BAR):
-        tt = torch.full((n,), t, device=device, dtype=torch.long)
-        eps = predict_eps(model, x, tt, y, w)
-        mean = (x - sched.beta[t] / (1 - sched.alpha_bar[t]).sqrt() * eps) / sched.alpha[t].sqrt()
-        if t > 0:
-            z = torch.randn(x.shape, generator=gen, device=device)
-            x = mean + sched.posterior_var[t].sqrt() * z
-        else:
-            x = mean
-    return x.clamp(-1, 1)
-
-
-def ddim_timesteps(T: int, steps: int) -> list:
-    """`steps` evenly spaced timesteps from T-1 down to 0."""
-    return sorted({int(round(s)) for s in np.linspace(0, T - 1, steps)}, reverse=True)
-
-
-@torch.inference_mode()
-def sample_ddim(model, sched: Schedule, n: int, gen: torch.Generator, device, steps: int = 50, progress=True,
-                y=None, w=0.0):
-    """Deterministic DDIM (eta = 0): predict x_0, then jump to the next (earlier) timestep."""
-    x = torch.randn(n, 1, 28, 28, generator=gen, device=device)
-    ts = ddim_timesteps(sched.T, steps)
-    for i, t in enumerate(tqdm(ts, desc=f"DDIM-{steps}", disable=not progress, **BAR)):
-        tt = torch.full((n,), t, device=device, dtype=torch.long)
-        eps = predict_eps(model, x, tt, y, w)
-        ab_t = sched.alpha_bar[t]
-        x0_hat = ((x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)
-        ab_s = sched.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=device)
-        eps = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()  # noise consistent with the clipped x0
-        x = ab_s.sqrt() * x0_hat + (1 - ab_s).sqrt() * eps
-    return x.clamp(-1, 1)
-
-
-# %% [markdown]
-# ## 6b. Class-conditional DDPM with classifier-free guidance (opt in: `--models ...,cddpm`)
-#
-# The same U-Net, given the label too: $\varepsilon_\theta(x_t, t, y)$, with a learned embedding of
-# $y$ added to the time embedding. During training the label is replaced by a **null label**
-# $\varnothing$ with probability $p_\text{uncond} = 0.1$, so one network learns both the conditional
-# $\varepsilon_\theta(x_t, t, y)$ and the unconditional $\varepsilon_\theta(x_t, t, \varnothing)$.
-#
-# **Classifier-free guidance** (Ho & Salimans, 2022) samples with the extrapolation
-#
-# $$\tilde\varepsilon = (1 + w)\,\varepsilon_\theta(x_t, t, y) - w\,\varepsilon_\theta(x_t, t, \varnothing),$$
-#
-# which pushes each step away from "any digit" and towards "this digit": $w = 0$ is the plain
-# conditional model, larger $w$ trades variety for obedience and typicality. Each guided step costs
-# two network passes (batched together in `predict_eps` above). The run measures how often the
-# evaluator sees the asked class, and the classifier-FID, at $w$ = 0, 1 and 3 (`cddpm_guidance.png`).
-
-# %%
-class EMA:
-    """Exponential moving average of a model's weights: theta_ema <- d theta_ema + (1 - d) theta."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.params = list(self.model.parameters())
-
-    def state_dict(self) -> dict:
-        return {"updates": self.updates}  # the averaged weights are saved as their own module
-
-    def load_state_dict(self, state: dict):
-        self.updates = state["updates"]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module):
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short memory at the start
-        # theta_ema + (1 - d) (theta - theta_ema), on all tensors at once
-        torch._foreach_lerp_(self.params, list(model.parameters()), 1 - d)
-        for b_ema, b in zip(self.model.buffers(), model.buffers()):
-            b_ema.copy_(b)
-
-
-# %% [markdown]
-# ## 7. Training
-#
-# One small trainer per model holds its networks and Adam optimizers and takes one
-# training `step` on a batch of 128; one loop, `fit`, runs the epochs for all of them.
-# `fit` returns the trained network(s) and a history: the mean loss of every epoch
-# (generator and discriminator apart for the GANs), the per-step losses for the
-# curves, the wall time and the peak memory. Seed 42 fixes the weights' initialisation and the batch order.
-#
-# **Nothing lost.** After every epoch `fit` writes `checkpoints/<model>.pt` (a temporary file,
-# then a rename, so a crash never leaves half a file): weights, optimizer states, the epoch, the
-# loss history and the random generators' states, all as tensors and plain data that
-# `torch.load(..., weights_only=True)` reads without running code. With `resume` on, each model
-# continues from its last finished epoch, and on a CPU it ends with exactly the weights an
-# uninterrupted run would have; a model that had finished is loaded, not retrained. A loss that
-# turns NaN or infinite stops that model with a message; the run records it and goes on with the others.
-
-# %%
-@functools.lru_cache(maxsize=None)
-def cpu_has_amx() -> bool:
-    """True on Intel CPUs with AMX (bf16 matrix tiles), where bf16 convolutions run 2-3x faster."""
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
-@functools.lru_cache(maxsize=None)
-def cuda_has_bf16() -> bool:
-    """Native bf16 from Ampere (compute capability 8) on; older GPUs such as Colab's T4 only emulate it."""
-    return torch.cuda.get_device_capability()[0] >= 8
-
-
-def amp_dtype(cfg: Config, device: torch.device):
-    """The autocast precision, or None for float32. auto: bf16 where the hardware runs it natively
-    (CUDA from Ampere on, CPUs with AMX), fp16 on older GPUs (with loss scaling), else float32."""
-    if cfg.amp != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[cfg.amp]
+def environment(cfg: Config, device: torch.device) -> dict:
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "device": str(device), "threads": torch.get_num_threads(),
+           "autocast": str(amp_dtype(cfg, device)).replace("torch.", ""), "cpu_amx": cpu_has_amx(),
+           "platform": platform.platform(), "cpu_count": os.cpu_count(), "code_commit": code_commit(),
+           "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if device.type == "cuda":
-        return torch.bfloat16 if cuda_has_bf16() else torch.float16
-    return torch.bfloat16 if cpu_has_amx() else None
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
 
 
-def amp_enabled(cfg: Config, device: torch.device) -> bool:
-    return amp_dtype(cfg, device) is not None
+@stage
+def start(ctx):
+    """Mount Drive if asked, pick the device, say which run this is, and load the data."""
+    cfg = ctx.cfg
+    configure_progress(cfg)
+    use_drive(cfg)
+    ctx.device, ctx.out = pick_device(cfg), Path(cfg.out)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    env = environment(cfg, ctx.device)
+    ctx.results.update(config=dataclasses.asdict(cfg), environment=env)
+    print(f"run: profile {cfg.profile}, device {env['device']}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
+          f"autocast {env['autocast']}, torch {env['torch']}, Python {env['python']}, {env['threads']} threads, "
+          f"started {env['started']}\ncode commit: {env['code_commit']}")
+    if cfg.benchmark:
+        print("benchmark: the models are timed in section C8; nothing is trained")
+    else:
+        print("models: " + ", ".join(f"{MODELS[m].title} {cfg.model_epochs(m)} epochs" for m in cfg.models)
+              + f"; {cfg.n_samples} samples each; output folder {ctx.out}")
+    ctx.train = tuple(t.to(ctx.device) for t in load_mnist(cfg.data_root, train=True, dataset=cfg.dataset))
+    ctx.test = load_mnist(cfg.data_root, train=False, dataset=cfg.dataset)
+    print(f"{DATASETS[cfg.dataset]['title']}: {len(ctx.train[0])} training and {len(ctx.test[0])} test images")
 
 
-def autocast(cfg: Config, device: torch.device):
-    """Autocast for forward passes in amp_dtype; weights and optimizer states stay float32."""
-    dtype = amp_dtype(cfg, device)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+# %% [markdown]
+# ## 3. How every model is trained
+#
+# Each model's section defines a small **trainer** class: it builds the networks and their Adam
+# optimizers, takes one training `step` on a batch of 128 and returns the losses, and draws images
+# with `sample`. One loop, `fit`, runs the epochs for every model. Seed 42 fixes the weights'
+# initialisation and the batch order. After every epoch `fit` also draws a fixed set of samples,
+# untimed, from a random generator of their own; Part B turns them into a per-epoch FID.
+#
+# **Mixed precision.** On hardware with fast bfloat16 (CUDA GPUs from Ampere on, CPUs with AMX) the
+# forward passes run in bf16 under autocast and conv nets use the channels-last layout; on older GPUs
+# (Colab's T4) in fp16 with loss scaling; elsewhere in float32. Weights and optimizer states stay float32.
+#
+# **Nothing lost.** After every epoch `fit` writes `checkpoints/<model>.pt` (a temporary file, then a
+# rename): weights, optimizer states, the epoch, the loss history, the per-epoch samples and the random
+# generators' states, all as tensors and plain data that `torch.load(..., weights_only=True)` reads
+# without running code. With `resume` on, each model continues from its last finished epoch, and on a
+# CPU it ends with exactly the weights an uninterrupted run would have; a finished model is loaded,
+# not retrained. A loss that turns NaN or infinite stops that model; the run records it and goes on.
 
-
+# %%
+# @title The training loop, its history and its checkpoints { display-mode: "form" }
 class LossScaler:
     """fp16 gradients can underflow to zero: scale the loss up before backward and the gradients back
     down before the optimizer step, skipping steps whose gradients overflowed (torch's GradScaler).
@@ -998,8 +869,13 @@ def maybe_compile(cfg: Config, *modules):
             module.compile()
 
 
+def adam(params, lr: float, device, betas=(0.9, 0.999)):
+    """Adam; on CUDA the fused kernel updates all parameters in one launch."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
 class History:
-    """Per-step and per-epoch means of named losses, plus wall time.
+    """Per-step and per-epoch means of named losses, wall time, and the samples drawn after each epoch.
 
     Losses arrive as tensors and are copied to the CPU every FLUSH_EVERY steps, not every
     step: on a GPU each copy waits for the GPU to finish, which would stall training."""
@@ -1011,8 +887,8 @@ class History:
         self.step = {n: [] for n in names}
         self.epoch = {n: [] for n in names}
         self.seconds, self._start, self._mark, self._pending = 0.0, time.perf_counter(), 0, []
-        self.paused = 0.0  # seconds spent in after-epoch measurements, not counted as training
-        self.measures = {}  # per-epoch measurements (e.g. epoch_fid), one value per epoch
+        self.paused = 0.0  # seconds spent drawing the per-epoch samples, not counted as training
+        self.probes = []  # per epoch: the samples drawn after it (uint8 [n, 28, 28])
         self.peak_memory_mb, self.memory_kind = None, None
 
     def log(self, **losses):
@@ -1051,221 +927,15 @@ class History:
 
     def as_dict(self):
         return {"epoch": self.epoch, "step": self.step, "train_seconds": self.seconds,
-                "measures": self.measures, "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind}
+                "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind}
 
-    def load(self, saved: dict):
+    def load(self, saved: dict, probes=None):
         """Continue from a checkpoint's as_dict(): the clock resumes from its training seconds."""
-        self.step, self.epoch, self.measures = saved["step"], saved["epoch"], saved["measures"]
+        self.step, self.epoch = saved["step"], saved["epoch"]
         self.peak_memory_mb, self.memory_kind = saved["peak_memory_mb"], saved["memory_kind"]
         self.seconds, self._mark = saved["train_seconds"], len(self.step[self.names[0]])
         self._start, self.paused = time.perf_counter() - self.seconds, 0.0
-
-
-def end_epoch(hist: History, after_epoch, nets, training: tuple):
-    """Close the epoch; then, if given, run after_epoch(nets, steps_done) with the networks in eval
-    mode, untimed, keep the measurements it returns ({name: value}) in hist.measures, and put the
-    `training` modules back in train mode."""
-    hist.end_epoch()
-    if after_epoch is None:
-        return
-    t0 = time.perf_counter()
-    for module in training:
-        module.eval()
-    for key, value in (after_epoch(nets, hist.steps) or {}).items():
-        hist.measures.setdefault(key, []).append(value)
-    for module in training:
-        module.train()
-    hist.paused += time.perf_counter() - t0
-
-
-def adam(params, lr: float, device, betas=(0.9, 0.999)):
-    """Adam; on CUDA the fused kernel updates all parameters in one launch."""
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type == "cuda")
-
-
-def show_losses(bar, latest, fmt: str = ".3f"):
-    if latest:
-        bar.set_postfix({k: format(v, fmt) for k, v in latest.items()}, refresh=False)
-
-
-def epoch_bar(name: str, epoch: int, cfg: Config, n_images: int, epochs: int):
-    return tqdm(total=steps_per_epoch(n_images, cfg), desc=f"{name} epoch {epoch + 1}/{epochs}", **BAR)
-
-
-class VAETrainer:
-    """The VAE, its optimizer, and one training step on a batch."""
-    name, losses, fmt = "vae", ("loss", "bce", "kl"), ".1f"
-
-    def __init__(self, cfg: Config, device):
-        self.cfg, self.device = cfg, device
-        self.model = VAE(cfg.vae_latent, cfg.vae_width).to(device)
-        self.opt = adam(self.model.parameters(), cfg.vae_lr, device)
-        self.scaler = LossScaler(cfg, device)
-        self.modules = (self.model,)
-        self.parts = {"vae": self.model, "opt": self.opt, "scaler": self.scaler}  # what a checkpoint holds
-        maybe_compile(cfg, *self.modules)
-
-    def step(self, xb, yb) -> dict:
-        x = to_unit(xb)
-        with autocast(self.cfg, self.device):
-            logits, mu, logvar = self.model(x)
-        loss, bce, kl = vae_loss(logits, x, mu.float(), logvar.float())
-        self.scaler.backward_step(loss, self.opt)
-        return {"loss": loss, "bce": bce, "kl": kl}
-
-    def nets(self):
-        return self.model
-
-
-class GANTrainer:
-    """DCGAN generator G and discriminator D with their optimizers; conditional=True gives the
-    cGAN (labels to G and D, real target cgan_real_target)."""
-    losses, fmt = ("G", "D", "D_real", "D_fake"), ".2f"
-
-    def __init__(self, cfg: Config, device, conditional: bool):
-        self.cfg, self.device, self.conditional = cfg, device, conditional
-        self.name = "cgan" if conditional else "gan"
-        n_classes = 10 if conditional else 0
-        self.G = prepare(Generator(cfg.gan_noise, n_classes, cfg.gan_width), cfg, device)
-        self.D = prepare(Discriminator(n_classes, cfg.gan_width), cfg, device)
-        betas = (cfg.gan_beta1, 0.999)
-        self.opt_g = adam(self.G.parameters(), cfg.gan_lr, device, betas)
-        self.opt_d = adam(self.D.parameters(), cfg.gan_lr, device, betas)
-        self.real_target = cfg.cgan_real_target if conditional else 1.0
-        self.scaler_g, self.scaler_d = LossScaler(cfg, device), LossScaler(cfg, device)
-        self.modules = (self.G, self.D)
-        self.parts = {"generator": self.G, "discriminator": self.D, "opt_g": self.opt_g, "opt_d": self.opt_d,
-                      "scaler_g": self.scaler_g, "scaler_d": self.scaler_d}
-        maybe_compile(cfg, *self.modules)
-
-    def step(self, xb, yb) -> dict:
-        G, D = self.G, self.D
-        x = to_signed(xb)
-        y = one_hot(yb) if self.conditional else None
-        z = torch.randn(len(x), self.cfg.gan_noise, device=self.device)
-        with autocast(self.cfg, self.device):
-            fake = G(z, y)
-            # D step: real -> real_target, fake -> 0 (fake detached: G is not updated here)
-            real_logits, fake_logits = D(x, y), D(fake.detach(), y)
-            loss_d = d_loss(real_logits, fake_logits, self.real_target)
-        self.scaler_d.backward_step(loss_d, self.opt_d)
-        # G step: make D call the fakes real
-        with autocast(self.cfg, self.device):
-            loss_g = g_loss(D(fake, y))
-        self.scaler_g.backward_step(loss_g, self.opt_g)
-        return {"G": loss_g, "D": loss_d, "D_real": torch.sigmoid(real_logits.float()).mean(),
-                "D_fake": torch.sigmoid(fake_logits.float()).mean()}
-
-    def nets(self):
-        return self.G, self.D
-
-
-class Counter:
-    """A count (and the last generator loss, a tensor so that no step waits for the GPU) that a
-    checkpoint saves and restores."""
-
-    def __init__(self):
-        self.n, self.last = 0, 0.0
-
-    def state_dict(self) -> dict:
-        return {"n": self.n, "last": float(self.last)}
-
-    def load_state_dict(self, state: dict):
-        self.n, self.last = state["n"], state["last"]
-
-
-class WGANTrainer:
-    """WGAN-GP: the generator G, the critic C (no batch norm), Adam(1e-4, betas 0 and 0.9) for both.
-    Every batch is one critic step; every wgan_n_critic-th batch also takes one generator step.
-    Logged per batch: W (the critic's Wasserstein estimate), the critic loss, the penalty, and
-    the latest generator loss."""
-    name, losses, fmt = "wgan", ("W", "critic", "GP", "G"), ".2f"
-
-    def __init__(self, cfg: Config, device):
-        self.cfg, self.device = cfg, device
-        self.G = prepare(Generator(cfg.gan_noise, 0, cfg.gan_width), cfg, device)
-        self.C = prepare(Discriminator(0, cfg.gan_width, batch_norm=False), cfg, device)
-        self.opt_g = adam(self.G.parameters(), cfg.wgan_lr, device, (0.0, 0.9))
-        self.opt_c = adam(self.C.parameters(), cfg.wgan_lr, device, (0.0, 0.9))
-        self.scaler_g, self.scaler_c = LossScaler(cfg, device), LossScaler(cfg, device)
-        self.critic_steps = Counter()
-        self.modules = (self.G, self.C)
-        self.parts = {"generator": self.G, "critic": self.C, "opt_g": self.opt_g, "opt_c": self.opt_c,
-                      "scaler_g": self.scaler_g, "scaler_c": self.scaler_c, "critic_steps": self.critic_steps}
-        maybe_compile(cfg, *self.modules)
-
-    def step(self, xb, yb) -> dict:
-        G, C = self.G, self.C
-        x = to_signed(xb)
-        z = torch.randn(len(x), self.cfg.gan_noise, device=self.device)
-        with autocast(self.cfg, self.device):
-            with torch.no_grad():
-                fake = G(z)  # x_tilde; the critic step does not train G
-            real_scores, fake_scores = C(x), C(fake)
-            penalty = gradient_penalty(C, x, fake)
-            loss_c = critic_loss(real_scores, fake_scores, penalty, self.cfg.wgan_gp)
-        self.scaler_c.backward_step(loss_c, self.opt_c)
-        w_estimate = real_scores.float().mean() - fake_scores.float().mean()  # W^ = E[C(x)] - E[C(x_tilde)]
-        self.critic_steps.n += 1
-        if self.critic_steps.n % self.cfg.wgan_n_critic == 0:  # the generator step
-            z = torch.randn(len(x), self.cfg.gan_noise, device=self.device)
-            with autocast(self.cfg, self.device):
-                loss_g = wgan_g_loss(C(G(z)))
-            self.scaler_g.backward_step(loss_g, self.opt_g)
-            self.critic_steps.last = loss_g.detach()
-        return {"W": w_estimate.detach(), "critic": loss_c.detach(), "GP": penalty.detach(),
-                "G": torch.as_tensor(self.critic_steps.last, device=self.device)}
-
-    def nets(self):
-        return self.G, self.C
-
-
-class DDPMTrainer:
-    """The U-Net, Adam with linear warm-up, the EMA copy used for sampling, and the noise schedule.
-    conditional=True gives the class-conditional DDPM (cddpm): labels in, dropped with p_uncond."""
-    losses, fmt = ("loss",), ".4f"
-
-    def __init__(self, cfg: Config, device, conditional: bool = False):
-        self.cfg, self.device, self.conditional = cfg, device, conditional
-        self.name = "cddpm" if conditional else "ddpm"
-        self.sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end, device)
-        self.model = prepare(UNet(cfg.ddpm_width, n_classes=10 if conditional else 0), cfg, device)
-        self.opt = adam(self.model.parameters(), cfg.ddpm_lr, device)
-        self.warmup = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda step: min(1.0, (step + 1) / max(1, cfg.ddpm_warmup)))
-        self.ema = EMA(self.model, cfg.ddpm_ema) if cfg.ddpm_ema > 0 else None
-        self.noise_gen = torch.Generator(device).manual_seed(cfg.seed)
-        self.scaler = LossScaler(cfg, device)
-        self.modules = (self.model,)
-        self.parts = {"unet": self.model, "opt": self.opt, "warmup": self.warmup, "noise_gen": self.noise_gen,
-                      "scaler": self.scaler}
-        if self.ema:
-            self.parts.update(unet_ema=self.ema.model, ema=self.ema)
-        maybe_compile(cfg, *self.modules)  # after the EMA copy was made from the plain module
-
-    def step(self, xb, yb) -> dict:
-        with autocast(self.cfg, self.device):
-            loss = ddpm_loss(self.model, self.sched, to_signed(xb), self.noise_gen, self.cfg.ddpm_min_snr,
-                             y=yb if self.conditional else None, p_uncond=self.cfg.cddpm_p_uncond)
-        self.scaler.backward_step(loss, self.opt)
-        self.warmup.step()
-        if self.ema:
-            self.ema.update(self.model)
-        return {"loss": loss}
-
-    def nets(self):
-        """(sampler_net, trained_net, sched): the sampler uses the EMA weights when ddpm_ema > 0."""
-        return (self.ema.model if self.ema else self.model), self.model, self.sched
-
-
-def make_trainer(name: str, cfg: Config, device):
-    if name == "vae":
-        return VAETrainer(cfg, device)
-    if name in ("gan", "cgan"):
-        return GANTrainer(cfg, device, conditional=(name == "cgan"))
-    if name == "wgan":
-        return WGANTrainer(cfg, device)
-    return DDPMTrainer(cfg, device, conditional=(name == "cddpm"))
+        self.probes = [] if probes is None else list(probes.numpy())
 
 
 def synchronize(device):
@@ -1334,13 +1004,13 @@ class PeakMemory:
         return False
 
 
-def fit(trainer, data, cfg: Config, epochs: int, after_epoch=None, gen: torch.Generator | None = None,
+def fit(trainer, data, cfg: Config, epochs: int, probe=None, gen: torch.Generator | None = None,
         checkpoint: Path | None = None, resume: bool = False, pretrained: bool = False):
-    """Train for `epochs` over batches of 128 in the seeded order of `gen`; returns (nets, History).
-    after_epoch(nets, steps_done), if given, runs after every epoch, untimed. With `checkpoint`, the
-    whole training state is saved there after every epoch; with `resume` too, training continues
-    from the epoch saved there (a finished model is only loaded); with `pretrained` the checkpoint
-    must hold all `epochs`, and nothing is trained."""
+    """Train for `epochs` over batches of 128 in the seeded order of `gen`; returns the History.
+    probe(trainer), if given, draws samples after every epoch, untimed, kept in History.probes. With
+    `checkpoint`, the whole training state is saved there after every epoch; with `resume` too, training
+    continues from the epoch saved there (a finished model is only loaded); with `pretrained` the
+    checkpoint must hold all `epochs`, and nothing is trained."""
     images, labels = data
     gen = gen or torch.Generator().manual_seed(cfg.seed)  # the batch order
     hist = History(trainer.name, *trainer.losses)
@@ -1354,28 +1024,33 @@ def fit(trainer, data, cfg: Config, epochs: int, after_epoch=None, gen: torch.Ge
                          f"(or with --resume to finish it) into {cfg.out}")
     with PeakMemory(trainer.device) as memory:
         for epoch in range(hist.epochs_done, epochs):
-            bar = epoch_bar(trainer.name, epoch, cfg, len(images), epochs)
+            bar = progress_bar(total=steps_per_epoch(len(images), cfg), desc=f"{trainer.name} epoch {epoch + 1}/{epochs}")
             for xb, yb in batches(images, labels, cfg, gen):
                 losses = trainer.step(xb, yb)
                 bar.update()
-                show_losses(bar, hist.log(**losses), trainer.fmt)
+                latest = hist.log(**losses)
+                if latest:
+                    bar.set_postfix({k: format(v, trainer.fmt) for k, v in latest.items()}, refresh=False)
             bar.close()
-            end_epoch(hist, after_epoch, trainer.nets(), trainer.modules)
+            hist.end_epoch()
+            if probe is not None:
+                t0 = time.perf_counter()
+                for module in trainer.modules:
+                    module.eval()
+                hist.probes.append(probe(trainer))
+                for module in trainer.modules:
+                    module.train()
+                hist.paused += time.perf_counter() - t0
             hist.peak_memory_mb = max(hist.peak_memory_mb or 0.0, memory.so_far() or 0.0) or None
             hist.memory_kind = memory.kind
             if checkpoint is not None:
                 save_checkpoint(checkpoint, **training_state(trainer, hist, gen, epochs, cfg))
+            print(f"{trainer.name} epoch {hist.epochs_done}/{epochs}: "
+                  + ", ".join(f"{k} {v[-1]:{trainer.fmt}}" for k, v in hist.epoch.items())
+                  + f" ({hist.seconds:.0f} s of training)")
     for module in trainer.modules:
         module.eval()
-    return trainer.nets(), hist
-
-
-# Config fields that do not change how a model trains: a checkpoint made with other values resumes.
-NOT_TRAINING_FIELDS = {"profile", "models", "data_root", "out", "device", "n_samples", "sampler", "ddim_steps",
-                       "ancestral_preview", "ddpm_study_steps", "eval_epochs", "epoch_fid_samples",
-                       "epoch_fid_ddpm_samples", "epoch_fid_ddim_steps", "seeds", "benchmark", "epochs",
-                       "resume", "drive", "pretrained", "cddpm_guidance", "sampler_study", "sweep_steps",
-                       "reference_ddpm"}
+    return hist
 
 
 def training_state(trainer, hist: History, gen: torch.Generator, epochs: int, cfg: Config) -> dict:
@@ -1385,8 +1060,9 @@ def training_state(trainer, hist: History, gen: torch.Generator, epochs: int, cf
         rng["cuda"] = torch.cuda.get_rng_state_all()
     parts = {k: (v.get_state() if isinstance(v, torch.Generator) else v.state_dict())
              for k, v in trainer.parts.items()}
+    probes = {"probes": torch.from_numpy(np.stack(hist.probes))} if hist.probes else {}
     return {"model": trainer.name, "epoch": hist.epochs_done, "epochs": epochs,
-            "finished": hist.epochs_done == epochs, **parts, "history": hist.as_dict(), "rng": rng,
+            "finished": hist.epochs_done == epochs, **parts, "history": hist.as_dict(), **probes, "rng": rng,
             "config": dataclasses.asdict(cfg)}
 
 
@@ -1420,7 +1096,7 @@ def restore(trainer, hist: History, gen: torch.Generator, state: dict):
         except (KeyError, RuntimeError, ValueError) as err:
             raise SetupError(f"checkpoint of {trainer.name} does not fit this model ({key}: "
                              f"{str(err).splitlines()[0][:120]}): delete it or run without --resume") from None
-    hist.load(state["history"])
+    hist.load(state["history"], state.get("probes"))
     gen.set_state(state["rng"]["batches"])
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -1432,116 +1108,782 @@ def n_params(*modules) -> int:
 
 
 # %% [markdown]
-# ## 8. Sampling and export
+# ### Sampling, exporting, and what each model section shows
 #
-# Every model draws `n_samples` images (1,000 in the `cpu` profile, 10,000 in `full`)
-# in large batches under `torch.inference_mode`. They are exported to
-# `samples/<model>.npz` as `images` (uint8, N×28×28, 0 = background, 255 = ink) and, for
-# the cGAN, `labels` (the digit that was asked for, balanced over 0-9). The DDPM's
-# sampler and its number of network passes are recorded with every output.
+# Every model draws `n_samples` images in batches of 1,000 under `torch.inference_mode`. They are
+# exported to `samples/<model>.npz` as `images` (uint8, N×28×28, 0 = background, 255 = ink) and, for
+# a conditional model, `labels` (the class asked for, balanced over the ten). The sampler and its
+# number of network passes are recorded with every output. `train_section` is the whole work of a
+# model's section: train (or resume, or load), export, then show the loss curves and samples.
 
 # %%
+# @title Sampling, export and each section's figures { display-mode: "form" }
 SAMPLE_BATCH = 1000
 
 
+def build_trainer(name: str, cfg: Config, device):
+    """The trainer of MODELS[name]: its class is named in the entry and defined in the model's section."""
+    return globals()[MODELS[name].trainer](name, cfg, device)
+
+
 def balanced_labels(n: int) -> torch.Tensor:
-    """0, 1, ..., 9, 0, 1, ... : as balanced over the ten digits as n allows."""
+    """0, 1, ..., 9, 0, 1, ... : as balanced over the ten classes as n allows."""
     return torch.arange(n) % 10
 
 
-def draw(name: str, nets, n: int, cfg: Config, device, gen: torch.Generator, labels=None,
-         sampler: str | None = None, progress: bool = True, guidance: float | None = None):
-    """n images from one trained model as uint8 [n, 28, 28] (in batches of SAMPLE_BATCH). labels: the
-    classes asked of a conditional model; guidance: the cDDPM's w (default cfg.cddpm_guidance)."""
+def draw(model, n: int, gen: torch.Generator, sampler: Sampler | None = None, labels=None,
+         progress: bool = False) -> np.ndarray:
+    """n images as uint8 [n, 28, 28] from a trained model, in batches of SAMPLE_BATCH.
+    labels: the classes asked of a conditional model; sampler: how a diffusion model draws."""
     out = []
-    w = cfg.cddpm_guidance if guidance is None else guidance
     for start in range(0, n, SAMPLE_BATCH):
         m = min(SAMPLE_BATCH, n - start)
-        with torch.inference_mode(), autocast(cfg, device):
-            if name == "vae":
-                out.append(to_uint8(nets.sample(m, gen, device), signed=False))
-                continue
-            if name in ("gan", "cgan", "wgan"):
-                z = torch.randn(m, cfg.gan_noise, generator=gen, device=device)
-                y = one_hot(labels[start:start + m].to(device)) if name == "cgan" else None
-                out.append(to_uint8(nets[0](z, y), signed=True))
-                continue
-            net, _, sched = nets
-            y = labels[start:start + m].to(device) if name == "cddpm" else None
-            if (sampler or cfg.sampler) == "ancestral":
-                x = sample_ancestral(net, sched, m, gen, device, progress, y, w)
-            else:
-                x = sample_ddim(net, sched, m, gen, device, cfg.ddim_steps, progress, y, w)
-            out.append(to_uint8(x, signed=True))
+        y = None if labels is None else labels[start:start + m].to(model.device)
+        with torch.inference_mode(), autocast(model.cfg, model.device):
+            out.append(to_uint8(model.sample(m, gen, y, sampler, progress), model.signed))
     return np.concatenate(out)
 
 
-def sampler_label(name: str, cfg: Config, sampler: str | None = None) -> str:
-    if name not in DIFFUSION:
-        return "one generator pass"
-    s = sampler or cfg.sampler
-    label = f"DDIM, {cfg.ddim_steps} steps" if s == "ddim" else f"ancestral, {cfg.ddpm_T} steps"
-    return label + (f", guidance {cfg.cddpm_guidance:g}" if name == "cddpm" else "")
+def timed_draw(model, n: int, seed: int, sampler: Sampler | None = None, labels=None, progress: bool = False):
+    """(images, seconds per image) of n samples drawn with a fresh generator seeded `seed`."""
+    gen = torch.Generator(model.device).manual_seed(seed)
+    t0 = time.perf_counter()
+    images = draw(model, n, gen, sampler, labels, progress)
+    synchronize(model.device)
+    return images, (time.perf_counter() - t0) / n
 
 
-def save_npz(path: Path, **arrays):
-    """Write atomically: a half-written file never takes the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+def probe_size(model, cfg: Config, n_test: int) -> int:
+    """How many samples are drawn after each epoch for the per-epoch FID (fewer for a diffusion model)."""
+    n = cfg.epoch_fid_ddpm_samples if model.uses_sampler else cfg.epoch_fid_samples
+    return min(n, cfg.n_samples, n_test)
 
 
-def save_checkpoint(path: Path, **state):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def epoch_probe(model, n: int) -> np.ndarray:
+    """The per-epoch FID's samples: always the same noise (seed + 4), balanced classes for a conditional
+    model, DDIM with epoch_fid_ddim_steps for a diffusion model."""
+    cfg, spec = model.cfg, MODELS.get(model.name)
+    asked = balanced_labels(n) if spec and spec.conditional else None
+    return draw(model, n, torch.Generator(model.device).manual_seed(cfg.seed + 4),
+                Sampler("ddim", cfg.epoch_fid_ddim_steps), asked)
+
+
+def train_model(ctx: Run, name: str, checkpoint: Path | None, cfg: Config | None = None, probes: bool = True):
+    """Train one model from seed cfg.seed (default: the run's config), saving (and with resume,
+    resuming from) `checkpoint`; with pretrained the finished checkpoint is loaded, not trained."""
+    cfg = cfg or ctx.cfg
+    seed_everything(cfg.seed)  # every model starts from the same seed, whichever ran before
+    model = build_trainer(name, cfg, ctx.device)
+    n = probe_size(model, cfg, len(ctx.test[0]))
+    hist = fit(model, ctx.train, cfg, cfg.model_epochs(name), (lambda m: epoch_probe(m, n)) if probes else None,
+               checkpoint=checkpoint, resume=cfg.resume, pretrained=cfg.pretrained)
+    return Trained(name, model, hist, n_params(*model.modules))
+
+
+def export_samples(ctx: Run, trained: Trained, out: Path | None = None):
+    """Draw n_samples images (a conditional model asked for balanced labels), time them, write samples/<name>.npz."""
+    n, model = ctx.cfg.n_samples, trained.model
+    asked = balanced_labels(n) if trained.spec.conditional else None
+    images, per_image = timed_draw(model, n, model.cfg.seed + 1, ctx.export_sampler, asked, progress=True)
+    export = {"images": images}
+    if asked is not None:
+        export["labels"] = asked.numpy().astype(np.int64)
+    save_npz((out or ctx.out) / "samples" / f"{trained.name}.npz", **export)
+    trained.samples, trained.asked, trained.sample_seconds = images, asked, per_image * n
+
+
+def image_grid(ax, images, rows: int, cols: int, title: str = ""):
+    """Tile uint8 images [rows*cols, 28, 28] into one axes, ink drawn dark on white."""
+    tiles = np.asarray(images[:rows * cols]).reshape(rows, cols, 28, 28)
+    canvas = tiles.transpose(0, 2, 1, 3).reshape(rows * 28, cols * 28)
+    ax.imshow(255 - canvas, cmap="gray", vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+
+
+def plot_samples(images, title: str, path: Path):
+    fig, ax = plt.subplots(figsize=(10, 1.6))
+    image_grid(ax, images, 1, min(10, len(images)), title)
+    show(fig, path)
+
+
+def plot_label_grid(images, labels, path: Path, title: str, classes=DATASETS["mnist"]["classes"]):
+    """10x10: row k holds the first ten samples asked to be class k."""
+    rows = [images[labels == k][:10] for k in range(10)]
+    fig, ax = plt.subplots(figsize=(7, 7.4))
+    image_grid(ax, np.concatenate(rows), 10, 10, title)
+    ax.set_yticks(np.arange(10) * 28 + 14)
+    ax.set_yticklabels(classes)
+    show(fig, path)
+
+
+def plot_losses(histories: dict, path: Path):
+    """Per model: its curve losses per step (smoothed) and per epoch."""
+    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories), 3.2), squeeze=False)
+    for ax, (name, hist) in zip(axes[0], histories.items()):
+        spec = MODELS[name]
+        for k in spec.curves:
+            steps = np.asarray(hist["step"][k])
+            window = max(1, len(steps) // 50)
+            smooth = np.convolve(steps, np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(len(smooth)) + window, smooth, label=f"{k} (per step, smoothed)")
+            per_epoch = hist["epoch"][k]
+            ax.plot(np.arange(1, len(per_epoch) + 1) * len(steps) / len(per_epoch), per_epoch,
+                    "o", label=f"{k} (epoch mean)")
+        ax.set_title(spec.title)
+        ax.set_xlabel("optimizer step")
+        ax.set_yscale("log" if spec.log_curves else "linear")
+        ax.legend(fontsize=7)
+    fig.suptitle("Training losses")
+    fig.tight_layout()
+    show(fig, path)
+
+
+def sample_figures(ctx: Run, trained: Trained):
+    """The model's assignment figure: ten random samples, or for a conditional model a 10x10 grid whose
+    row k asks for class k; for a diffusion model exported with DDIM, a few with the T-step sampler too."""
+    name, spec, model, cfg = trained.name, trained.spec, trained.model, ctx.cfg
+    note = model.sampler_note(ctx.export_sampler)
+    if spec.conditional:
+        grid_labels = torch.arange(10).repeat_interleave(10)  # 0 x10, 1 x10, ..., 9 x10
+        grid = draw(model, 100, torch.Generator(ctx.device).manual_seed(cfg.seed + 3), ctx.export_sampler,
+                    grid_labels)
+        plot_label_grid(grid, grid_labels.numpy(), ctx.out / spec.figure(name),
+                        f"{spec.title}: row k = ten samples asked for class k ({note})",
+                        DATASETS[cfg.dataset]["classes"])
+    else:
+        plot_samples(trained.samples, f"{spec.title}: 10 random samples ({note})", ctx.out / spec.figure(name))
+    if model.uses_sampler and not spec.conditional and cfg.ancestral_preview and cfg.sampler != "ancestral":
+        ancestral = Sampler("ancestral", cfg.ddpm_T)
+        preview, trained.extras["ancestral_preview_seconds_per_image"] = timed_draw(
+            model, cfg.ancestral_preview, cfg.seed + 2, ancestral, progress=True)
+        plot_samples(preview, f"{spec.title}: {cfg.ancestral_preview} samples, {model.sampler_note(ancestral)} "
+                     "(same weights)", ctx.out / f"{name}_samples_ancestral.png")
+
+
+def train_section(ctx: Run, name: str):
+    """A model section's work: train it (or resume / load it), export its samples, show its loss curves
+    and samples. A model whose loss turns non-finite is recorded, and the run goes on without it."""
+    if not ctx.wants(name):
+        return None
+    try:
+        trained = train_model(ctx, name, ctx.checkpoint(name))
+    except FloatingPointError as err:
+        ctx.results["failed"][name] = f"{err}; its last finished epoch is kept in {ctx.checkpoint(name)}"
+        print(f"{name} FAILED: {ctx.results['failed'][name]}. The other models go on.")
+        return None
+    export_samples(ctx, trained)
+    ctx.models[name] = trained
+    print(f"{name}: {trained.history.seconds:.0f} s of training, {trained.parameters:,} parameters; "
+          f"{len(trained.samples)} samples in {trained.sample_seconds:.1f} s "
+          f"({trained.model.sampler_note(ctx.export_sampler)}) -> {ctx.out / 'samples' / (name + '.npz')}")
+    plot_losses({name: trained.history.as_dict()}, ctx.out / f"{name}_losses.png")
+    sample_figures(ctx, trained)
+    return trained
 
 
 # %% [markdown]
-# ## 9. Measuring the four axes
+# ## 4. Variational autoencoder (VAE)
 #
-# ### The evaluator
-# To say whether a generated image *is* a recognisable digit, and which one, we train a
-# small CNN classifier on the MNIST training set right here (no downloaded weights) and
-# report its test accuracy. It is cached in `outputs/checkpoints/evaluator.pt` and
-# reused while its settings and data are unchanged. Its class probabilities
-# $p(y\mid x)$ and its 128-d penultimate features $\phi(x)$ drive every metric below.
-# All of them compare `n_samples` generated images with as many MNIST **test** digits;
-# the same numbers on real **training** digits give the floor (what a perfect model scores).
+# An **encoder** takes the flattened image $x \in [0,1]^{784}$ and outputs the mean $\mu$
+# and log-variance $\log\sigma^2$ of a Gaussian over a small code $z$. We sample
+# $z = \mu + \sigma \odot \varepsilon$ with $\varepsilon \sim \mathcal N(0, I)$ (the
+# *reparameterisation trick*, so gradients flow through the sampling), and a
+# **convolutional decoder** turns $z$ back into a 28×28 image $\hat x$.
 #
-# ### Clarity: are the samples sharp, realistic digits?
-# * **classifier-FID**, the Fréchet distance between Gaussians fitted to $\phi$ of the samples
-#   ($\mu_g, \Sigma_g$) and of the test digits ($\mu_r, \Sigma_r$):
-#   $\lVert\mu_g-\mu_r\rVert^2 + \mathrm{Tr}\big(\Sigma_g+\Sigma_r-2(\Sigma_g\Sigma_r)^{1/2}\big)$. Lower is better.
-#   It is FID's formula with an MNIST classifier in place of ImageNet's Inception net, so its
-#   values are not comparable with published FIDs.
-# * **classifier Inception Score** $\exp\big(\mathbb{E}_x\,\mathrm{KL}(p(y\mid x)\,\Vert\,p(y))\big)$, from 1 to 10:
-#   high when every image is confidently one digit and all ten digits appear.
-# * **precision and recall** (Kynkäänniemi et al., 2019): each set of features spans a manifold,
-#   the union of balls around its points whose radius is the distance to the point's
-#   $k$-th nearest neighbour ($k=5$). Precision is the share of samples inside the real manifold
-#   (are they realistic?), recall the share of real digits inside the samples' manifold
-#   (is all of MNIST's variety covered?).
-# * **sharpness**, the mean absolute difference between neighbouring pixels (0-1 scale), beside
-#   the same number on real digits; blur lowers it.
+# The loss is the negative evidence lower bound, per image:
 #
-# ### Controllability: how cheaply does a user get the digit they want?
-# Every model gets the same question: with the best means it offers, what is the probability
-# $p_d$ that one attempt yields digit $d$? The cGAN is **asked** for $d$ through its label. The
-# VAE can be **steered**: encode the training digits, take the mean and spread of the codes
-# of each class, and decode codes drawn from the class-$d$ Gaussian. The GAN and the DDPM have
-# no handle, so a user **redraws** until $d$ appears, and $p_d$ is the share of samples the
-# evaluator calls $d$. The expected number of attempts for a chosen digit is
-# $\frac{1}{10}\sum_d 1/p_d$, and its inverse is the control score (see section 12).
-# For the asked and steered models we also print the confusion matrix (asked vs seen).
+# $$\mathcal L = \underbrace{\mathrm{BCE}(\hat x, x)}_{\text{reconstruction}} +
+#   \underbrace{-\tfrac12 \textstyle\sum_j \left(1 + \log\sigma_j^2 - \mu_j^2 - \sigma_j^2\right)}_{\mathrm{KL}(q(z|x)\,\|\,\mathcal N(0,I))}$$
 #
-# ### Stability and efficiency
-# Measured while training (section 11): a cheap classifier-FID after every epoch, class
-# coverage (entropy of the predicted classes divided by $\log 10$; 1 = all digits equally),
-# the smallest class share and recall (mode collapse), sharpness (blur); wall time, images per
-# second, parameters, time per image at batch 1 and at batch 1000, and peak memory.
+# The KL term pulls every code towards the standard normal, which is what lets us
+# generate by decoding $z \sim \mathcal N(0, I)$. Its price is blur: the decoder
+# predicts the *average* of the digits that could have produced a code.
+
+# %%
+class VAE(nn.Module):
+    """MLP encoder 784 -> 16w -> 8w -> (mu, log sigma^2); decoder z -> 2w x 7x7 -> w x 14x14 -> 28x28 (w = width)."""
+
+    def __init__(self, latent: int = 16, width: int = 32):
+        super().__init__()
+        self.latent = latent
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(784, 16 * width), nn.ReLU(),
+                                     nn.Linear(16 * width, 8 * width), nn.ReLU())
+        self.to_mu = nn.Linear(8 * width, latent)
+        self.to_logvar = nn.Linear(8 * width, latent)
+        self.decoder = nn.Sequential(
+            nn.Linear(latent, 2 * width * 7 * 7), nn.ReLU(), nn.Unflatten(1, (2 * width, 7, 7)),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.ReLU(),  # 7 -> 14
+            nn.ConvTranspose2d(width, 1, 4, 2, 1))  # 14 -> 28, logits of x_hat
+
+    def encode(self, x):
+        h = self.encoder(x)
+        return self.to_mu(h), self.to_logvar(h)
+
+    def decode_logits(self, z):
+        return self.decoder(z)
+
+    def forward(self, x):
+        mu, logvar = self.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # z = mu + sigma * eps
+        return self.decode_logits(z), mu, logvar
+
+    @torch.inference_mode()
+    def sample(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
+        z = torch.randn(n, self.latent, generator=gen, device=device)  # z ~ N(0, I)
+        return torch.sigmoid(self.decode_logits(z))  # in [0, 1]
+
+
+def vae_loss(x_hat_logits, x, mu, logvar):
+    """Return (total, reconstruction, KL), each summed over pixels / latents and averaged over the batch."""
+    bce = F.binary_cross_entropy_with_logits(x_hat_logits.float(), x, reduction="sum") / len(x)
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
+    return bce + kl, bce, kl
+
+
+class VAETrainer:
+    """The VAE, its optimizer, one training step, and sampling from the prior. It can also encode
+    digits (`codes`) and decode chosen codes (`decode`), which Part B uses to steer it to a class."""
+    losses, fmt, signed, uses_sampler = ("loss", "bce", "kl"), ".1f", False, False
+
+    def __init__(self, name: str, cfg: Config, device):
+        self.name, self.cfg, self.device = name, cfg, device
+        self.model = VAE(cfg.vae_latent, cfg.vae_width).to(device)
+        self.opt = adam(self.model.parameters(), cfg.vae_lr, device)
+        self.scaler = LossScaler(cfg, device)
+        self.modules = (self.model,)
+        self.parts = {"vae": self.model, "opt": self.opt, "scaler": self.scaler}  # what a checkpoint holds
+        maybe_compile(cfg, *self.modules)
+
+    def step(self, xb, yb) -> dict:
+        x = to_unit(xb)
+        with autocast(self.cfg, self.device):
+            logits, mu, logvar = self.model(x)
+        loss, bce, kl = vae_loss(logits, x, mu.float(), logvar.float())
+        self.scaler.backward_step(loss, self.opt)
+        return {"loss": loss, "bce": bce, "kl": kl}
+
+    def sample(self, n, gen, labels=None, sampler=None, progress=False):
+        return self.model.sample(n, gen, self.device)
+
+    def sampler_note(self, sampler) -> str:
+        return "one generator pass"
+
+    @torch.inference_mode()
+    def codes(self, images_uint8) -> torch.Tensor:
+        """The encoder's mu [N, latent] of uint8 digits, in chunks, on the VAE's device."""
+        return torch.cat([self.model.encode(to_unit(chunk.to(self.device)))[0].float()
+                          for chunk in images_uint8.split(2000)])
+
+    @torch.inference_mode()
+    def decode(self, z) -> torch.Tensor:
+        """Images in [0, 1] decoded from codes z."""
+        return torch.sigmoid(self.model.decode_logits(z).float())
+
+    @staticmethod
+    def assignment(name: str, cfg: Config, entry: dict, out: Path):
+        vae = VAE(cfg.vae_latent)
+        mu, logvar = vae.encode(torch.zeros(2, 1, 28, 28))
+        return ("2 VAE: flattening encoder -> mu, log sigma^2; decoder -> 28x28; BCE + KL; Adam 1e-3",
+                vae.encoder[0].__class__ is nn.Flatten and vae.encoder[1].in_features == 784
+                and mu.shape == logvar.shape == (2, cfg.vae_latent)
+                and vae.decode_logits(mu).shape == (2, 1, 28, 28) and cfg.vae_lr == 1e-3,
+                f"latent {cfg.vae_latent}, lr {cfg.vae_lr}")
+
+
+# %%
+@stage
+def vae_section(ctx):
+    """Train the VAE (or resume / load it), export its samples, show its losses and ten samples."""
+    train_section(ctx, "vae")
+
+
+# %% [markdown]
+# ## 5. Generative adversarial network (GAN)
+#
+# A **generator** $G$ maps noise $z \sim \mathcal N(0, I_{100})$ to an image; a
+# **discriminator** $D$ outputs the logit of "this image is real". They play
+#
+# $$\min_G \max_D \; \mathbb E_x[\log D(x)] + \mathbb E_z[\log(1 - D(G(z)))].$$
+#
+# In practice both use binary cross-entropy: $D$ is trained to say 1 on real and 0 on
+# fake, and $G$ is trained to make $D$ say 1 on its fakes (the *non-saturating* loss,
+# $-\log D(G(z))$, whose gradient does not vanish when $D$ wins early).
+# Both nets are DCGAN-style: transposed convolutions with batch norm up from 7×7 in
+# $G$, strided convolutions with LeakyReLU down to 7×7 in $D$. Images live in $[-1, 1]$
+# (tanh output). Sharp digits, but nothing forces $G$ to cover every digit: if it
+# finds one that fools $D$ it may keep drawing it (**mode collapse**).
+
+# %%
+class Generator(nn.Module):
+    """Noise (plus an optional one-hot label) -> 28x28 image in [-1, 1]."""
+
+    def __init__(self, noise: int = 100, n_classes: int = 0, width: int = 64):
+        super().__init__()
+        self.noise, self.n_classes = noise, n_classes
+        self.net = nn.Sequential(
+            nn.Linear(noise + n_classes, 2 * width * 7 * 7, bias=False),
+            nn.BatchNorm1d(2 * width * 7 * 7), nn.ReLU(), nn.Unflatten(1, (2 * width, 7, 7)),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False),  # 7 -> 14
+            nn.BatchNorm2d(width), nn.ReLU(),
+            nn.ConvTranspose2d(width, 1, 4, 2, 1), nn.Tanh())  # 14 -> 28
+
+    def forward(self, z, y_onehot=None):
+        if self.n_classes:
+            z = torch.cat([z, y_onehot], dim=1)
+        return self.net(z)
+
+
+class Discriminator(nn.Module):
+    """Image (plus an optional label, as 10 constant one-hot planes) -> logit of 'real'.
+    batch_norm=False gives the WGAN-GP critic (section C1), whose penalty needs per-image gradients."""
+
+    def __init__(self, n_classes: int = 0, width: int = 64, batch_norm: bool = True):
+        super().__init__()
+        self.n_classes = n_classes
+        self.net = nn.Sequential(
+            nn.Conv2d(1 + n_classes, width, 4, 2, 1), nn.LeakyReLU(0.2),  # 28 -> 14
+            nn.Conv2d(width, 2 * width, 4, 2, 1, bias=not batch_norm),  # 14 -> 7
+            nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity(), nn.LeakyReLU(0.2),
+            nn.Flatten(), nn.Linear(2 * width * 7 * 7, 1))
+
+    def forward(self, x, y_onehot=None):
+        if self.n_classes:
+            planes = y_onehot[:, :, None, None].expand(-1, -1, 28, 28)
+            x = torch.cat([x, planes], dim=1)
+        return self.net(x).squeeze(1)
+
+
+def d_loss(real_logits, fake_logits, real_target: float = 1.0):
+    """Discriminator BCE: real -> real_target (0.9 = one-sided smoothing), fake -> 0."""
+    real = F.binary_cross_entropy_with_logits(
+        real_logits.float(), torch.full_like(real_logits.float(), real_target))
+    fake = F.binary_cross_entropy_with_logits(
+        fake_logits.float(), torch.zeros_like(fake_logits.float()))
+    return real + fake
+
+
+def g_loss(fake_logits):
+    """Non-saturating generator BCE: make D call the fakes real."""
+    return F.binary_cross_entropy_with_logits(
+        fake_logits.float(), torch.ones_like(fake_logits.float()))
+
+
+class GANTrainer:
+    """DCGAN generator G and discriminator D with their optimizers. A conditional entry (the cGAN, section 6)
+    gives both players the label, and D's real target is cgan_real_target."""
+    losses, fmt, signed, uses_sampler = ("G", "D", "D_real", "D_fake"), ".2f", True, False
+
+    def __init__(self, name: str, cfg: Config, device):
+        self.name, self.cfg, self.device = name, cfg, device
+        self.conditional = MODELS[name].conditional
+        n_classes = 10 if self.conditional else 0
+        self.G = prepare(Generator(cfg.gan_noise, n_classes, cfg.gan_width), cfg, device)
+        self.D = prepare(Discriminator(n_classes, cfg.gan_width), cfg, device)
+        betas = (cfg.gan_beta1, 0.999)
+        self.opt_g = adam(self.G.parameters(), cfg.gan_lr, device, betas)
+        self.opt_d = adam(self.D.parameters(), cfg.gan_lr, device, betas)
+        self.real_target = cfg.cgan_real_target if self.conditional else 1.0
+        self.scaler_g, self.scaler_d = LossScaler(cfg, device), LossScaler(cfg, device)
+        self.modules = (self.G, self.D)
+        self.parts = {"generator": self.G, "discriminator": self.D, "opt_g": self.opt_g, "opt_d": self.opt_d,
+                      "scaler_g": self.scaler_g, "scaler_d": self.scaler_d}
+        maybe_compile(cfg, *self.modules)
+
+    def step(self, xb, yb) -> dict:
+        G, D = self.G, self.D
+        x = to_signed(xb)
+        y = one_hot(yb) if self.conditional else None
+        z = torch.randn(len(x), self.cfg.gan_noise, device=self.device)
+        with autocast(self.cfg, self.device):
+            fake = G(z, y)
+            # D step: real -> real_target, fake -> 0 (fake detached: G is not updated here)
+            real_logits, fake_logits = D(x, y), D(fake.detach(), y)
+            loss_d = d_loss(real_logits, fake_logits, self.real_target)
+        self.scaler_d.backward_step(loss_d, self.opt_d)
+        # G step: make D call the fakes real
+        with autocast(self.cfg, self.device):
+            loss_g = g_loss(D(fake, y))
+        self.scaler_g.backward_step(loss_g, self.opt_g)
+        return {"G": loss_g, "D": loss_d, "D_real": torch.sigmoid(real_logits.float()).mean(),
+                "D_fake": torch.sigmoid(fake_logits.float()).mean()}
+
+    def sample(self, n, gen, labels=None, sampler=None, progress=False):
+        z = torch.randn(n, self.cfg.gan_noise, generator=gen, device=self.device)
+        return self.G(z, one_hot(labels) if self.conditional else None)
+
+    def sampler_note(self, sampler) -> str:
+        return "one generator pass"
+
+    @staticmethod
+    def assignment(name: str, cfg: Config, entry: dict, out: Path):
+        if not MODELS[name].conditional:
+            G = Generator(cfg.gan_noise)
+            return ("3 GAN: 100-d noise -> 28x28; discriminator real/fake; BCE; Adam 2e-4",
+                    cfg.gan_noise == 100 and G(torch.zeros(2, 100)).shape == (2, 1, 28, 28)
+                    and Discriminator()(torch.zeros(2, 1, 28, 28)).shape == (2,) and cfg.gan_lr == 2e-4,
+                    f"noise {cfg.gan_noise}, lr {cfg.gan_lr}")
+        with np.load(out / "samples" / f"{name}.npz") as data:
+            counts = np.bincount(data["labels"], minlength=10)
+        return ("4 cGAN: noise + one-hot label; D sees image + label; real target 0.9; Adam 2e-4",
+                Generator(cfg.gan_noise, 10).net[0].in_features == cfg.gan_noise + 10
+                and Discriminator(10).net[0].in_channels == 11 and cfg.cgan_real_target == 0.9
+                and cfg.gan_lr == 2e-4 and counts.max() - counts.min() <= 1,
+                f"real target {cfg.cgan_real_target}, labels per digit {counts.min()}-{counts.max()}")
+
+
+# %%
+@stage
+def gan_section(ctx):
+    """Train the GAN (or resume / load it), export its samples, show its losses and ten samples."""
+    train_section(ctx, "gan")
+
+
+# %% [markdown]
+# ## 6. Conditional GAN (cGAN)
+#
+# The same game with the label $y$ given to both players: $G(z, y)$ receives the noise
+# concatenated with a one-hot $y$, and $D(x, y)$ receives the image stacked with ten
+# constant planes, one-hot in $y$. Now $D$ rejects a good "3" that was supposed to be a
+# "7", so $G$ must obey the label: **we choose the digit**. Following the assignment,
+# $D$'s targets for real images are 0.9 instead of 1 (*one-sided label smoothing*),
+# which keeps $D$ from becoming over-confident and starving $G$ of gradient.
+# The code is the GAN's: `Generator(n_classes=10)`, `Discriminator(n_classes=10)` and `GANTrainer`,
+# which reads `conditional=True` from the cGAN's entry in `MODELS`.
+
+# %%
+@stage
+def cgan_section(ctx):
+    """Train the cGAN (or resume / load it), export its samples, show its losses and the 10x10 grid."""
+    train_section(ctx, "cgan")
+
+
+# %% [markdown]
+# ## 7. Denoising diffusion probabilistic model (DDPM)
+#
+# **Forward process.** Fix variances $\beta_1..\beta_T$ (linear from $10^{-4}$ to $0.02$,
+# $T = 1000$), let $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{s \le t} \alpha_s$.
+# Adding noise step by step has a closed form, so any $x_t$ is one line away from $x_0$:
+#
+# $$q(x_t \mid x_0) = \mathcal N\!\left(\sqrt{\bar\alpha_t}\,x_0,\;(1-\bar\alpha_t) I\right),
+#   \qquad x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon .$$
+#
+# **Training.** A U-Net $\varepsilon_\theta(x_t, t)$ predicts the noise; the loss is the
+# MSE to the true noise, $\lVert \varepsilon - \varepsilon_\theta(x_t, t)\rVert^2$, at a
+# random $t$.
+#
+# **Sampling (ancestral, the paper's).** Start at $x_T \sim \mathcal N(0, I)$ and step
+# down: $x_{t-1} = \frac{1}{\sqrt{\alpha_t}}\left(x_t - \frac{\beta_t}{\sqrt{1-\bar\alpha_t}}
+# \varepsilon_\theta(x_t,t)\right) + \sigma_t z$, with $\sigma_t^2 = \tilde\beta_t =
+# \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\beta_t$. That is $T = 1000$ network passes per image.
+#
+# **Sampling (DDIM, strided).** The same network also defines a deterministic path that
+# may skip steps: predict $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$,
+# then jump to an earlier $s < t$ with $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s}\,\varepsilon_\theta$.
+# With 50 jumps instead of 1000 it is 20× cheaper, which is what a CPU can afford.
+#
+# ### Design choices for learning fast on a CPU
+# On a 2-core CPU the `cpu` profile gives the DDPM a few thousand optimizer steps, so each step must be
+# cheap and teach the network as much as possible.
+#
+# * **Compute where it pays.** A *space-to-depth stem* folds each 2×2 pixel block into 4 channels
+#   (`pixel_unshuffle`), so the U-Net works at 14×14 and 7×7 only, with one self-attention layer at
+#   7×7 for global shape. The self-attention is written out instead of calling PyTorch's fused
+#   kernel, whose CPU backward is built for long sequences, not 49 pixels. Mixed precision (section 3)
+#   is on where the hardware runs bf16 natively. Section C7 trains the slower public design for the
+#   same time, and the benchmark (section C8) times a step.
+# * **A higher learning rate with warm-up.** Adam at $10^{-3}$ after a 200-step linear warm-up,
+#   instead of the usual $2\cdot10^{-4}$ that assumes hundreds of thousands of steps.
+# * **EMA of the weights.** Sampling uses an exponential moving average of the weights (decay 0.999,
+#   shortened early on), which removes the step-to-step jitter of the last updates.
+# * **Min-SNR-$\gamma$ loss weighting** ($\gamma=5$): the per-timestep MSE is weighted by
+#   $w_t = \min(\mathrm{SNR}_t, \gamma)/\mathrm{SNR}_t$ with $\mathrm{SNR}_t = \bar\alpha_t/(1-\bar\alpha_t)$.
+#   Nearly noise-free steps, whose noise is hard to see and matter little to the sample, stop
+#   dominating the gradient. The loss is still an MSE on the predicted noise, only weighted per timestep.
+#
+# What each choice is worth is measured by the design study, section C6 (its committed run:
+# `outputs/ddpm-design-study/`).
+
+# %%
+class Schedule:
+    """The fixed variances beta_t and the quantities derived from them, indexed t = 0..T-1."""
+
+    def __init__(self, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, device="cpu"):
+        self.T = T
+        self.beta = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+        self.alpha = 1.0 - self.beta
+        self.alpha_bar = torch.cumprod(self.alpha, dim=0)
+        alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.posterior_var = self.beta * (1 - alpha_bar_prev) / (1 - self.alpha_bar)  # beta~_t
+        self.snr = self.alpha_bar / (1 - self.alpha_bar)
+        for name in ("beta", "alpha", "alpha_bar", "posterior_var", "snr"):
+            setattr(self, name, getattr(self, name).float().to(device))
+
+
+def q_sample(sched: Schedule, x0, t, eps):
+    """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+    ab = sched.alpha_bar[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Transformer's position code applied to the timestep: sin and cos at geometric frequencies."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time embedding added in between, plus a skip path."""
+
+    def __init__(self, c_in: int, c_out: int, t_dim: int):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.t_proj = nn.Linear(t_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, t_emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.t_proj(t_emb)[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + self.skip(x)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a small feature map."""
+
+    def __init__(self, c: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(8, c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        d = c // self.heads
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, d, h * w).unbind(1)  # [b, heads, d, pixels]
+        # softmax(Q K^T / sqrt(d)) V, written out: for 49 pixels this trains faster on a CPU than
+        # F.scaled_dot_product_attention, whose CPU backward is built for long sequences
+        weights = torch.softmax((q.transpose(-1, -2) @ k) * d ** -0.5, dim=-1)  # [b, heads, pixels, pixels]
+        out = v @ weights.transpose(-1, -2)  # [b, heads, d, pixels]
+        return x + self.proj(out.reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): 28x28 -> (space-to-depth) 14x14 -> 7x7 -> 14x14 -> 28x28, with a skip.
+    With n_classes > 0, eps_theta(x_t, t, y): a learned embedding of the label y (or of the null label
+    y = n_classes, "no label") is added to the time embedding (section C2)."""
+
+    def __init__(self, width: int = 64, t_dim: int = 128, n_classes: int = 0):
+        super().__init__()
+        c, self.t_dim = width, t_dim
+        self.t_mlp = nn.Sequential(nn.Linear(t_dim, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
+        self.stem = nn.Conv2d(4, c, 3, padding=1)  # after pixel_unshuffle: 1x28x28 -> 4x14x14
+        self.down1 = ResBlock(c, c, t_dim)  # 14x14
+        self.downsample = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)  # 14 -> 7
+        self.down2 = ResBlock(2 * c, 2 * c, t_dim)  # 7x7
+        self.mid_attn = SelfAttention(2 * c)
+        self.mid = ResBlock(2 * c, 2 * c, t_dim)
+        self.upsample = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                      nn.Conv2d(2 * c, c, 3, padding=1))  # 7 -> 14
+        self.up1 = ResBlock(2 * c, c, t_dim)  # after concatenating the 14x14 skip
+        self.head = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 4, 3, padding=1))
+        self.n_classes = n_classes
+        if n_classes:  # made last, so the unconditional U-Net's initial weights do not change
+            self.label_emb = nn.Embedding(n_classes + 1, t_dim)  # index n_classes = the null label
+
+    def forward(self, x_t, t, y=None):
+        t_emb = self.t_mlp(sinusoidal_embedding(t, self.t_dim))
+        if self.n_classes:
+            y = torch.full_like(t, self.n_classes) if y is None else y
+            t_emb = t_emb + self.label_emb(y)
+        h = self.stem(F.pixel_unshuffle(x_t, 2))
+        skip = self.down1(h, t_emb)
+        h = self.down2(self.downsample(skip), t_emb)
+        h = self.mid(self.mid_attn(h), t_emb)
+        h = self.up1(torch.cat([self.upsample(h), skip], dim=1), t_emb)
+        return F.pixel_shuffle(self.head(h), 2)  # 4x14x14 -> 1x28x28: predicted noise
+
+
+def ddpm_loss(model, sched: Schedule, x0, gen: torch.Generator, min_snr: float = 0.0, y=None, p_uncond: float = 0.0):
+    """MSE between the true noise eps and eps_theta(x_t, t) at uniform random t,
+    weighted per timestep by min(SNR_t, gamma) / SNR_t when min_snr = gamma > 0.
+    With labels y (conditional model), each is replaced by the null label with probability p_uncond."""
+    t = torch.randint(0, sched.T, (len(x0),), generator=gen, device=x0.device)
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+    x_t = q_sample(sched, x0, t, eps)
+    if y is not None:
+        drop = torch.rand(len(y), generator=gen, device=y.device) < p_uncond
+        y = torch.where(drop, torch.full_like(y, model.n_classes), y)
+    mse = (predict_eps(model, x_t, t, y) - eps).pow(2).mean(dim=(1, 2, 3))
+    if min_snr > 0:
+        snr = sched.snr[t]
+        mse = mse * torch.clamp(snr, max=min_snr) / snr
+    return mse.mean()
+
+
+def predict_eps(model, x_t, t, y=None, w: float = 0.0):
+    """eps_theta(x_t, t); with labels y, eps_theta(x_t, t, y); with guidance w > 0 as well,
+    eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null): both in one batch of 2n."""
+    if y is None:
+        return model(x_t, t).float()
+    if w == 0:
+        return model(x_t, t, y).float()
+    null = torch.full_like(y, model.n_classes)
+    eps_y, eps_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    return (1 + w) * eps_y - w * eps_null
+
+
+@torch.inference_mode()
+def sample_ancestral(model, sched: Schedule, n: int, gen: torch.Generator, device, progress=True, y=None, w=0.0):
+    """The paper's sampler: T steps of x_{t-1} = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t) + sigma_t z.
+    y (labels) and w (guidance weight): for the conditional model, see predict_eps."""
+    x = torch.randn(n, 1, 28, 28, generator=gen, device=device)  # x_T ~ N(0, I)
+    for t in progress_bar(range(sched.T - 1, -1, -1), desc="ancestral", disable=not progress or BAR["disable"]):
+        tt = torch.full((n,), t, device=device, dtype=torch.long)
+        eps = predict_eps(model, x, tt, y, w)
+        mean = (x - sched.beta[t] / (1 - sched.alpha_bar[t]).sqrt() * eps) / sched.alpha[t].sqrt()
+        if t > 0:
+            z = torch.randn(x.shape, generator=gen, device=device)
+            x = mean + sched.posterior_var[t].sqrt() * z  # + sigma_t z, sigma_t^2 = beta~_t
+        else:
+            x = mean
+    return x.clamp(-1, 1)
+
+
+def ddim_timesteps(T: int, steps: int) -> list:
+    """`steps` evenly spaced timesteps from T-1 down to 0."""
+    return sorted({int(round(s)) for s in np.linspace(0, T - 1, steps)}, reverse=True)
+
+
+@torch.inference_mode()
+def sample_ddim(model, sched: Schedule, n: int, gen: torch.Generator, device, steps: int = 50, progress=True,
+                y=None, w=0.0):
+    """Deterministic DDIM (eta = 0): predict x_0, then jump to the next (earlier) timestep."""
+    x = torch.randn(n, 1, 28, 28, generator=gen, device=device)
+    ts = ddim_timesteps(sched.T, steps)
+    for i, t in enumerate(progress_bar(ts, desc=f"DDIM-{steps}", disable=not progress or BAR["disable"])):
+        tt = torch.full((n,), t, device=device, dtype=torch.long)
+        eps = predict_eps(model, x, tt, y, w)
+        ab_t = sched.alpha_bar[t]
+        x0_hat = ((x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)  # x_0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)
+        ab_s = sched.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=device)
+        eps = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()  # noise consistent with the clipped x0
+        x = ab_s.sqrt() * x0_hat + (1 - ab_s).sqrt() * eps  # x_s = sqrt(ab_s) x_0 + sqrt(1 - ab_s) eps
+    return x.clamp(-1, 1)
+
+
+class EMA:
+    """Exponential moving average of a model's weights: theta_ema <- d theta_ema + (1 - d) theta."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.params = list(self.model.parameters())
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates}  # the averaged weights are saved as their own module
+
+    def load_state_dict(self, state: dict):
+        self.updates = state["updates"]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short memory at the start
+        # theta_ema + (1 - d) (theta - theta_ema), on all tensors at once
+        torch._foreach_lerp_(self.params, list(model.parameters()), 1 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+class DDPMTrainer:
+    """The U-Net, Adam with linear warm-up, the EMA copy used for sampling, and the noise schedule.
+    A conditional entry (the cDDPM, section C2) feeds the labels in, dropped with p_uncond."""
+    losses, fmt, signed, uses_sampler = ("loss",), ".4f", True, True
+
+    def __init__(self, name: str, cfg: Config, device):
+        self.name, self.cfg, self.device = name, cfg, device
+        self.conditional = MODELS[name].conditional if name in MODELS else False
+        self.sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end, device)
+        self.model = prepare(self.make_net(), cfg, device)
+        self.opt = adam(self.model.parameters(), cfg.ddpm_lr, device)
+        self.warmup = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda step: min(1.0, (step + 1) / max(1, cfg.ddpm_warmup)))
+        self.ema = EMA(self.model, cfg.ddpm_ema) if cfg.ddpm_ema > 0 else None
+        self.noise_gen = torch.Generator(device).manual_seed(cfg.seed)
+        self.scaler = LossScaler(cfg, device)
+        self.modules = (self.model,)
+        self.parts = {"unet": self.model, "opt": self.opt, "warmup": self.warmup, "noise_gen": self.noise_gen,
+                      "scaler": self.scaler}
+        if self.ema:
+            self.parts.update(unet_ema=self.ema.model, ema=self.ema)
+        maybe_compile(cfg, *self.modules)  # after the EMA copy was made from the plain module
+
+    def make_net(self) -> nn.Module:
+        return UNet(self.cfg.ddpm_width, n_classes=10 if self.conditional else 0)
+
+    def step(self, xb, yb) -> dict:
+        with autocast(self.cfg, self.device):
+            loss = ddpm_loss(self.model, self.sched, to_signed(xb), self.noise_gen, self.cfg.ddpm_min_snr,
+                             y=yb if self.conditional else None, p_uncond=self.cfg.cddpm_p_uncond)
+        self.scaler.backward_step(loss, self.opt)
+        self.warmup.step()
+        if self.ema:
+            self.ema.update(self.model)
+        return {"loss": loss}
+
+    @property
+    def net(self) -> nn.Module:
+        """The network that samples: the EMA weights when ddpm_ema > 0."""
+        return self.ema.model if self.ema else self.model
+
+    def sample(self, n, gen, labels=None, sampler=None, progress=False):
+        sampler = sampler or Sampler(self.cfg.sampler, self.cfg.ddim_steps)
+        w = self.cfg.cddpm_guidance if sampler.guidance is None else sampler.guidance
+        y = labels if self.conditional else None
+        if sampler.kind == "ancestral":
+            return sample_ancestral(self.net, self.sched, n, gen, self.device, progress, y, w)
+        return sample_ddim(self.net, self.sched, n, gen, self.device, sampler.steps, progress, y, w)
+
+    def sampler_note(self, sampler) -> str:
+        label = f"DDIM, {sampler.steps} steps" if sampler.kind == "ddim" else f"ancestral, {self.cfg.ddpm_T} steps"
+        w = self.cfg.cddpm_guidance if sampler.guidance is None else sampler.guidance
+        return label + (f", guidance {w:g}" if self.conditional else "")
+
+    @staticmethod
+    def assignment(name: str, cfg: Config, entry: dict, out: Path):
+        if MODELS[name].conditional:
+            return None
+        sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end)
+        return ("5 diffusion: Gaussian forward process, U-Net reverse, MSE on noise",
+                float(sched.alpha_bar[-1]) < 1e-3 and isinstance(UNet(cfg.ddpm_width), UNet)
+                and entry["final_epoch_loss"]["loss"] > 0,
+                f"T={cfg.ddpm_T}, alpha_bar_T={float(sched.alpha_bar[-1]):.1e}, sampler {entry['sampler']}")
+
+
+# %%
+@stage
+def ddpm_section(ctx):
+    """Train the DDPM (or resume / load it), export its samples, show its losses and samples."""
+    train_section(ctx, "ddpm")
+
+
+# %% [markdown]
+# # Part B: the comparison
+#
+# ## 8. The evaluator
+#
+# To say whether a generated image *is* a recognisable digit, and which one, we train a small CNN
+# classifier on the MNIST training set right here (no downloaded weights) and report its test
+# accuracy. It is cached in `checkpoints/evaluator.pt` and reused while its settings and data are
+# unchanged. Its class probabilities $p(y\mid x)$ and its 128-d penultimate features $\phi(x)$ drive
+# every metric below. All of them compare `n_samples` generated images with as many MNIST **test**
+# digits; the same numbers on real **training** digits give the floor (what a perfect model scores).
 
 # %%
 class Evaluator(nn.Module):
@@ -1573,8 +1915,8 @@ def random_shift(x: torch.Tensor, gen: torch.Generator, pixels: int = 2) -> torc
 
 
 class EvaluatorTrainer:
-    """The evaluator, Adam with a one-cycle schedule (up to 3e-3, then annealed; 2 epochs reach
-    about 99.3% test accuracy), and one step on a batch shifted by random_shift."""
+    """The evaluator, Adam with a one-cycle schedule (up to 3e-3, then annealed), and one step on a
+    batch shifted by random_shift."""
     name, losses, fmt = "evaluator", ("loss",), ".3f"
 
     def __init__(self, cfg: Config, device, total_steps: int, gen: torch.Generator):
@@ -1592,9 +1934,6 @@ class EvaluatorTrainer:
         self.scaler.backward_step(loss, self.opt)
         self.lr.step()
         return {"loss": loss}
-
-    def nets(self):
-        return self.model
 
 
 def train_evaluator(train, test, cfg: Config, device, cache: Path):
@@ -1635,6 +1974,62 @@ def features(model, images_uint8) -> np.ndarray:
     return torch.cat(feats).numpy()
 
 
+def prepare_evaluation(ctx: Run):
+    """Train (or load) the evaluator once, and take its features of the reference test digits."""
+    if ctx.evaluator is not None:
+        return
+    cfg = ctx.cfg
+    ctx.evaluator, acc, cached = train_evaluator(ctx.train, ctx.test, cfg, ctx.device,
+                                                 ctx.out / "checkpoints" / "evaluator.pt")
+    print(f"evaluator test accuracy {100 * acc:.2f}%" + (" (cached)" if cached else ""))
+    ctx.results["evaluator"] = {"test_accuracy": acc, "cached": cached}
+    ctx.reference = ctx.test[0][:cfg.n_samples]
+    ctx.ref_feats = features(ctx.evaluator, ctx.reference)
+
+
+@stage
+def evaluator_section(ctx):
+    """The evaluator, when this run trained a model."""
+    if ctx.models:
+        prepare_evaluation(ctx)
+
+
+# %% [markdown]
+# ## 9. Measuring the four axes
+#
+# ### Clarity: are the samples sharp, realistic digits?
+# * **classifier-FID**, the Fréchet distance between Gaussians fitted to $\phi$ of the samples
+#   ($\mu_g, \Sigma_g$) and of the test digits ($\mu_r, \Sigma_r$):
+#   $\lVert\mu_g-\mu_r\rVert^2 + \mathrm{Tr}\big(\Sigma_g+\Sigma_r-2(\Sigma_g\Sigma_r)^{1/2}\big)$. Lower is better.
+#   It is FID's formula with an MNIST classifier in place of ImageNet's Inception net, so its
+#   values are not comparable with published FIDs.
+# * **classifier Inception Score** $\exp\big(\mathbb{E}_x\,\mathrm{KL}(p(y\mid x)\,\Vert\,p(y))\big)$, from 1 to 10:
+#   high when every image is confidently one digit and all ten digits appear.
+# * **precision and recall** (Kynkäänniemi et al., 2019): each set of features spans a manifold,
+#   the union of balls around its points whose radius is the distance to the point's
+#   $k$-th nearest neighbour ($k=5$). Precision is the share of samples inside the real manifold
+#   (are they realistic?), recall the share of real digits inside the samples' manifold
+#   (is all of MNIST's variety covered?).
+# * **sharpness**, the mean absolute difference between neighbouring pixels (0-1 scale), beside
+#   the same number on real digits; blur lowers it.
+#
+# ### Controllability: how cheaply does a user get the digit they want?
+# Every model gets the same question: with the best means it offers, what is the probability
+# $p_d$ that one attempt yields digit $d$? A conditional model is **asked** for $d$ through its
+# label. The VAE can be **steered**: encode the training digits, take the mean and spread of the
+# codes of each class, and decode codes drawn from the class-$d$ Gaussian. The GAN and the DDPM have
+# no handle, so a user **redraws** until $d$ appears, and $p_d$ is the share of samples the
+# evaluator calls $d$. The expected number of attempts for a chosen digit is
+# $\frac{1}{10}\sum_d 1/p_d$, and its inverse is the control score (section 10).
+# For the asked and steered models we also show the confusion matrix (asked vs seen).
+#
+# ### Stability and efficiency
+# The classifier-FID of the samples each model drew after every epoch (section 3), class coverage
+# (entropy of the predicted classes divided by $\log 10$; 1 = all digits equally), the smallest class
+# share and recall (mode collapse), sharpness (blur); wall time, images per second, parameters, time
+# per image at batch 1 and at batch 1000, and peak memory during training.
+
+# %%
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between Gaussians fitted to two feature sets.
     Tr (S_a S_b)^(1/2) is the sum of the square roots of the eigenvalues of S_a S_b (real and >= 0: the
@@ -1651,9 +2046,6 @@ def inception_score(probs: torch.Tensor) -> float:
     p_yx = probs.double().clamp_min(1e-12)
     p_y = p_yx.mean(0, keepdim=True)
     return float(torch.exp((p_yx * (p_yx.log() - p_y.log())).sum(1).mean()))
-
-
-PR_K = 5  # the k of the k-NN manifolds in precision and recall (Kynkaanniemi et al. 2019)
 
 
 def knn_radius(feats: torch.Tensor, k: int = PR_K) -> torch.Tensor:
@@ -1709,16 +2101,9 @@ def control_from_hits(p_d, method: str, matrix=None) -> dict:
 
 
 @torch.inference_mode()
-def vae_codes(vae: VAE, images_uint8) -> torch.Tensor:
-    """The encoder's mu [N, latent] of uint8 digits, in chunks, on the VAE's device."""
-    device = next(vae.parameters()).device
-    return torch.cat([vae.encode(to_unit(chunk.to(device)))[0].float() for chunk in images_uint8.split(2000)])
-
-
-@torch.inference_mode()
-def vae_class_codes(vae: VAE, images_uint8, labels, max_images: int = 10000) -> tuple:
-    """Mean and standard deviation of the encoder's mu over the digits of each class: [10, latent] each."""
-    mu = vae_codes(vae, images_uint8[:max_images])
+def class_codes(model, images_uint8, labels, max_images: int = 10000) -> tuple:
+    """Mean and standard deviation of the encoder's codes over the digits of each class: [10, latent] each."""
+    mu = model.codes(images_uint8[:max_images])
     y = labels[:max_images].to(mu.device)
     means = torch.stack([mu[y == d].mean(0) for d in range(10)])
     stds = torch.stack([mu[y == d].std(0) for d in range(10)])
@@ -1726,503 +2111,140 @@ def vae_class_codes(vae: VAE, images_uint8, labels, max_images: int = 10000) -> 
 
 
 @torch.inference_mode()
-def vae_steer(vae: VAE, means, stds, asked: torch.Tensor, gen: torch.Generator) -> np.ndarray:
-    """Decode codes z ~ N(mean_d, std_d^2) for each asked digit d: the VAE's way to choose a digit."""
+def steer(model, means, stds, asked: torch.Tensor, gen: torch.Generator) -> np.ndarray:
+    """Decode codes z ~ N(mean_d, std_d^2) for each asked digit d: how an encoder-decoder chooses a digit."""
     device = means.device
     asked = asked.to(device)
     z = means[asked] + stds[asked] * torch.randn(means[asked].shape, generator=gen, device=device)
-    return to_uint8(torch.sigmoid(vae.decode_logits(z).float()), signed=False)
+    return to_uint8(model.decode(z), signed=False)
 
 
-# %% [markdown]
-# ## 10. Figures
-#
-# The assignment's figures (ten samples per model, the cGAN's 10×10 grid, a comparison), the
-# loss curves, and the figures of the comparison: classifier-FID per epoch, controllability per
-# digit with confusion matrices, the VAE's latent space in 3D, and the four scores as a 3D
-# plot and a radar chart. Each is saved to the output folder and shown inline.
-
-# %%
-def image_grid(ax, images, rows: int, cols: int, title: str = ""):
-    """Tile uint8 images [rows*cols, 28, 28] into one axes, ink drawn dark on white."""
-    tiles = np.asarray(images[:rows * cols]).reshape(rows, cols, 28, 28)
-    canvas = tiles.transpose(0, 2, 1, 3).reshape(rows * 28, cols * 28)
-    ax.imshow(255 - canvas, cmap="gray", vmin=0, vmax=255)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=10)
-
-
-def plot_samples(images, title: str, path: Path):
-    fig, ax = plt.subplots(figsize=(10, 1.6))
-    image_grid(ax, images, 1, min(10, len(images)), title)
-    show(fig, path)
-
-
-def plot_label_grid(images, labels, path: Path, title: str, classes=DATASETS["mnist"]["classes"]):
-    """10x10: row k holds the first ten samples asked to be class k."""
-    rows = [images[labels == k][:10] for k in range(10)]
-    fig, ax = plt.subplots(figsize=(7, 7.4))
-    image_grid(ax, np.concatenate(rows), 10, 10, title)
-    ax.set_yticks(np.arange(10) * 28 + 14)
-    ax.set_yticklabels(classes)
-    show(fig, path)
-
-
-def plot_comparison(samples: dict, notes: dict, path: Path):
-    fig, axes = plt.subplots(len(samples), 1, figsize=(10, 1.5 * len(samples) + 0.4))
-    axes = np.atleast_1d(axes)
-    for ax, (name, images) in zip(axes, samples.items()):
-        image_grid(ax, images, 1, 10, f"{name.upper()}  ({notes[name]})")
-    fig.suptitle("Ten samples from each model", y=1.0)
-    show(fig, path)
-
-
-def plot_losses(histories: dict, path: Path):
-    fig, axes = plt.subplots(1, len(histories), figsize=(4.2 * len(histories), 3.2), squeeze=False)
-    for ax, (name, hist) in zip(axes[0], histories.items()):
-        keys = {"vae": ["loss"], "ddpm": ["loss"], "cddpm": ["loss"], "wgan": ["W", "G"]}.get(name, ["G", "D"])
-        for k in keys:
-            steps = np.asarray(hist["step"][k])
-            window = max(1, len(steps) // 50)
-            smooth = np.convolve(steps, np.ones(window) / window, mode="valid")
-            ax.plot(np.arange(len(smooth)) + window, smooth, label=f"{k} (per step, smoothed)")
-            per_epoch = hist["epoch"][k]
-            ax.plot(np.arange(1, len(per_epoch) + 1) * len(steps) / len(per_epoch), per_epoch,
-                    "o", label=f"{k} (epoch mean)")
-        ax.set_title(name.upper())
-        ax.set_xlabel("optimizer step")
-        ax.set_yscale("log" if name in DIFFUSION else "linear")
-        ax.legend(fontsize=7)
-    fig.suptitle("Training losses")
-    fig.tight_layout()
-    show(fig, path)
-
-
-MODEL_COLOURS = {"vae": "tab:blue", "gan": "tab:orange", "cgan": "tab:green", "ddpm": "tab:red",
-                 "wgan": "tab:purple", "cddpm": "tab:brown"}
-
-
-def plot_epoch_fid(curves: dict, notes: dict, floor: float, path: Path):
-    """Classifier-FID after every epoch: a falling curve converges, a zig-zag oscillates."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, curve in curves.items():
-        ax.plot(np.arange(1, len(curve) + 1), curve, "o-", color=MODEL_COLOURS.get(name),
-                label=f"{name.upper()} ({notes[name]})")
-    ax.axhline(floor, color="gray", ls="--", label=f"real train vs test ({floor:.1f})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("classifier-FID (lower is better)")
-    ax.set_yscale("log")
-    ax.set_title("Stability: classifier-FID after every epoch")
-    ax.legend(fontsize=7)
-    show(fig, path)
-
-
-def plot_control(controls: dict, path: Path, classes=DATASETS["mnist"]["classes"]):
-    """Per-class success rate of one attempt, and the asked-vs-seen confusion matrices."""
-    with_matrix = [n for n, c in controls.items() if c["confusion"] is not None]
-    fig = plt.figure(figsize=(5.5 + 3.2 * len(with_matrix), 3.6))
-    grid = fig.add_gridspec(1, 1 + len(with_matrix), width_ratios=[1.8] + [1] * len(with_matrix))
-    ax = fig.add_subplot(grid[0])
-    width = 0.8 / len(controls)
-    for i, (name, c) in enumerate(controls.items()):
-        ax.bar(np.arange(10) + (i - (len(controls) - 1) / 2) * width, c["per_class_hit"], width,
-               color=MODEL_COLOURS.get(name), label=f"{name.upper()}: {c['method']}")
-    long_names = len(max(classes, key=len)) >= 3  # Fashion-MNIST's: slanted, and the legend moves down
-    ax.set_xticks(range(10), classes, rotation=60 if long_names else 0, fontsize=7)
-    ax.set_xlabel("chosen class d")
-    ax.set_ylabel("p_d: one attempt yields d")
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.45 if long_names else -0.18))
-    ax.set_title("Controllability per class")
-    for k, name in enumerate(with_matrix, start=1):
-        cax = fig.add_subplot(grid[k])
-        cax.imshow(np.asarray(controls[name]["confusion"]), cmap="Blues", vmin=0, vmax=1)
-        cax.set_xticks(range(10))
-        cax.set_yticks(range(10))
-        cax.set_xlabel("class the evaluator sees", fontsize=8)
-        cax.set_ylabel("class asked for", fontsize=8)
-        cax.set_title(f"{name.upper()} confusion", fontsize=9)
-    show(fig, path)
-
-
-def plot_scores_3d(scores: dict, path: Path):
-    """Clarity, stability and controllability on the axes; efficiency as marker size and colour."""
-    fig = plt.figure(figsize=(6.5, 5.5))
-    ax = fig.add_subplot(projection="3d")
-    eff = np.array([s["efficiency"] for s in scores.values()])
-    points = ax.scatter([s["clarity"] for s in scores.values()], [s["stability"] for s in scores.values()],
-                        [s["control"] for s in scores.values()], s=60 + 440 * eff, c=eff, cmap="viridis",
-                        vmin=0, vmax=1, depthshade=False, edgecolors="k")
-    for name, s in scores.items():  # a dotted stem down to the floor makes the height readable
-        ax.plot([s["clarity"]] * 2, [s["stability"]] * 2, [0, s["control"]], ":", color="gray", lw=0.8)
-        ax.text(s["clarity"], s["stability"], s["control"] + 0.04, name.upper(), fontsize=9)
-    ax.scatter([1], [1], [1], marker="*", s=250, color="gold", edgecolors="k", depthshade=False)
-    ax.text(1, 1, 1.06, "ideal", fontsize=9)
-    ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.set_zlim(0, 1)
-    ax.set_xlabel("clarity")
-    ax.set_ylabel("stability")
-    ax.set_zlabel("controllability")
-    fig.colorbar(points, ax=ax, shrink=0.6, pad=0.12, label="efficiency (also marker size)")
-    ax.set_title("The four axes (scores 0-1, ideal corner starred)")
-    show(fig, path)
-
-
-def plot_radar(scores: dict, path: Path):
-    axes_names = ["clarity", "control", "stability", "efficiency"]
-    angles = np.linspace(0, 2 * np.pi, len(axes_names), endpoint=False).tolist()
-    fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"projection": "polar"})
-    for name, s in scores.items():
-        values = [s[a] for a in axes_names]
-        ax.plot(angles + angles[:1], values + values[:1], "o-", color=MODEL_COLOURS.get(name), label=name.upper())
-        ax.fill(angles + angles[:1], values + values[:1], color=MODEL_COLOURS.get(name), alpha=0.08)
-    ax.set_xticks(angles)
-    ax.set_xticklabels(axes_names)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1), fontsize=8)
-    ax.set_title("Scores per axis (1 = best)")
-    show(fig, path)
-
-
-@torch.inference_mode()
-def plot_vae_reconstructions(vae: VAE, test, path: Path, pairs: int = 4, steps: int = 10) -> float:
-    """Top: ten test digits and their reconstructions (decoded mu). Below: straight lines in z between
-    pairs of test digits, decoded. Returns the mean BCE per image of 1,000 test reconstructions."""
-    device = next(vae.parameters()).device
-    x = to_unit(test[0][:1000].to(device))
-    mu, _ = vae.encode(x)
-    recon = torch.sigmoid(vae.decode_logits(mu).float())
-    bce = float(F.binary_cross_entropy(recon, x, reduction="sum") / len(x))
-    ends = mu[10:10 + 2 * pairs].reshape(pairs, 2, -1)  # pairs of codes (z_a, z_b)
-    w = torch.linspace(0, 1, steps, device=device)[None, :, None]
-    z = (1 - w) * ends[:, :1] + w * ends[:, 1:]  # z = (1 - w) z_a + w z_b
-    lines = to_uint8(torch.sigmoid(vae.decode_logits(z.reshape(pairs * steps, -1)).float()), signed=False)
-    fig, axes = plt.subplots(2, 1, figsize=(10, 2.2 + 1.0 * pairs), gridspec_kw={"height_ratios": [2, pairs]})
-    image_grid(axes[0], np.concatenate([to_uint8(x[:10], False), to_uint8(recon[:10], False)]), 2, 10,
-               f"VAE: test digits (top) and their reconstructions (mean BCE {bce:.1f} per image)")
-    image_grid(axes[1], lines, pairs, steps, "latent interpolation: z = (1 - w) z_a + w z_b, w from 0 to 1")
-    show(fig, path)
-    return bce
-
-
-def plot_annotated(samples: dict, evaluator, path: Path, classes=DATASETS["mnist"]["classes"]):
-    """Ten samples per model, each titled with the evaluator's predicted class and its confidence."""
-    fig, axes = plt.subplots(len(samples), 10, figsize=(10, 1.25 * len(samples) + 0.3), squeeze=False)
-    for row, (name, images) in zip(axes, samples.items()):
-        probs = predict(evaluator, images[:10])
-        for ax, image, p in zip(row, images[:10], probs):
-            ax.imshow(255 - image, cmap="gray", vmin=0, vmax=255)
-            ax.set_title(f"{classes[int(p.argmax())]} ({float(p.max()):.2f})", fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        row[0].set_ylabel(name.upper(), fontsize=9)
-    fig.suptitle("What the evaluator sees: predicted class (confidence)", y=1.0)
-    show(fig, path)
-
-
-@torch.inference_mode()
-def plot_vae_latent_3d(vae: VAE, test, path: Path, n: int = 5000) -> list:
-    """The encoder's mu of n test digits projected on their first three principal components.
-    Returns the share of the codes' variance each component explains."""
-    mu, y = vae_codes(vae, test[0][:n]).cpu().double().numpy(), test[1][:n].numpy()
-    centred = mu - mu.mean(0)
-    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
-    coords = centred @ vt[:3].T
-    explained = (sing ** 2 / (sing ** 2).sum())[:3].tolist()
-    fig = plt.figure(figsize=(6.5, 5.5))
-    ax = fig.add_subplot(projection="3d")
-    points = ax.scatter(*coords.T, c=y, cmap="tab10", s=4, alpha=0.7, vmin=-0.5, vmax=9.5)
-    for k, label in enumerate("xyz"):
-        getattr(ax, f"set_{label}label")(f"PC{k + 1} ({100 * explained[k]:.0f}% of variance)")
-    fig.colorbar(points, ax=ax, ticks=range(10), shrink=0.6, pad=0.12, label="digit")
-    ax.set_title(f"VAE latent space: {len(coords)} test digits' codes, 3 principal components")
-    show(fig, path)
-    return explained
-
-
-# %% [markdown]
-# ## 11. The whole run
-#
-# `run(cfg)` first trains (or reloads) the evaluator, then for each selected model: trains
-# it while measuring its peak memory and a cheap classifier-FID after every epoch, saves its
-# checkpoint, draws and exports its samples, times one image at batch 1, and measures its
-# clarity, controllability and stability. Then it draws the figures, scores the four axes
-# (section 12) and writes `results.json`, `metrics.csv`, `metrics.json` and `REPORT.md`. The opt-in
-# studies of section 13b (guidance, samplers, sweeps, the slower DDPM design) run after the figures,
-# when enabled, and get their own sections in the report.
-
-# %%
-def environment(cfg: Config, device: torch.device) -> dict:
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "device": str(device), "threads": torch.get_num_threads(),
-           "autocast": str(amp_dtype(cfg, device)).replace("torch.", ""), "cpu_amx": cpu_has_amx(),
-           "platform": platform.platform(), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
-def epoch_fid_images(name: str, nets, n: int, cfg: Config, device) -> np.ndarray:
-    """The per-epoch FID's samples: n images (balanced labels for a conditional model), diffusion models
-    with DDIM-epoch_fid_ddim_steps, from a generator of their own (training's is untouched)."""
-    ecfg = dataclasses.replace(cfg, sampler="ddim", ddim_steps=cfg.epoch_fid_ddim_steps)
-    asked = balanced_labels(n) if name in CONDITIONAL else None
-    return draw(name, nets, n, ecfg, device, torch.Generator(device).manual_seed(cfg.seed + 4), asked, progress=False)
-
-
-def epoch_fid_tracker(name: str, cfg: Config, device, evaluator, ref_feats):
-    """An after_epoch callback that measures a classifier-FID after every epoch (kept in the History as
-    `epoch_fid`), and a note on how. The DDPM uses fewer samples and DDIM steps (epoch_fid_ddpm_*)."""
-    n = min(cfg.epoch_fid_ddpm_samples if name in DIFFUSION else cfg.epoch_fid_samples, len(ref_feats))
-
-    def after_epoch(nets, steps_done):
-        images = epoch_fid_images(name, nets, n, cfg, device)
-        return {"epoch_fid": frechet_distance(features(evaluator, images), ref_feats[:n])}
-
-    note = f"{n} samples" + (f", DDIM-{cfg.epoch_fid_ddim_steps}" if name in DIFFUSION else "")
-    return after_epoch, note
-
-
-def train_model(name: str, train, cfg: Config, device, after_epoch=None, checkpoint: Path | None = None):
-    """Train one model from seed cfg.seed, saving (and with cfg.resume, resuming from) `checkpoint`.
-    With cfg.pretrained the checkpoint must hold the finished model, which is loaded, not trained.
-    Returns (nets, history, the number of trained parameters)."""
-    seed_everything(cfg.seed)  # every model starts from the same seed, whichever ran before
-    trainer = make_trainer(name, cfg, device)
-    nets, hist = fit(trainer, train, cfg, cfg.model_epochs(name), after_epoch, checkpoint=checkpoint,
-                     resume=cfg.resume, pretrained=cfg.pretrained)
-    return nets, hist, n_params(*trainer.modules)
-
-
-def timed_draw(name: str, nets, n: int, cfg: Config, device, seed: int, progress: bool = False, **kwargs):
-    """(images, seconds per image) of n samples drawn with a fresh generator seeded `seed`."""
-    gen = torch.Generator(device).manual_seed(seed)
-    t0 = time.perf_counter()
-    images = draw(name, nets, n, cfg, device, gen, progress=progress, **kwargs)
-    synchronize(device)
-    return images, (time.perf_counter() - t0) / n
-
-
-def export_samples(name: str, nets, cfg: Config, device, out: Path):
-    """Draw cfg.n_samples images (the cGAN asked for balanced labels) and write samples/<name>.npz."""
-    asked = balanced_labels(cfg.n_samples) if name in CONDITIONAL else None
-    images, per_image = timed_draw(name, nets, cfg.n_samples, cfg, device, cfg.seed + 1, progress=True, labels=asked)
-    seconds = per_image * cfg.n_samples
-    export = {"images": images}
+def controllability(ctx: Run, model, images, asked, probs) -> dict:
+    """p_d for every class d, by the best means the model offers: asked, steered, or redrawn."""
     if asked is not None:
-        export["labels"] = asked.numpy().astype(np.int64)
-    save_npz(out / "samples" / f"{name}.npz", **export)
-    return images, export.get("labels"), seconds
+        matrix = confusion(asked, probs)
+        guidance = f", guidance {model.cfg.cddpm_guidance:g}" if model.uses_sampler else ""
+        return control_from_hits(np.diag(matrix), "asked through its label" + guidance, matrix)
+    if hasattr(model, "codes"):
+        means, stds = class_codes(model, *ctx.train)
+        wanted = balanced_labels(len(images))
+        steered = steer(model, means, stds, wanted, torch.Generator(ctx.device).manual_seed(model.cfg.seed + 6))
+        matrix = confusion(wanted, predict(ctx.evaluator, steered))
+        return control_from_hits(np.diag(matrix), "steered to the encoder's class mean", matrix)
+    return control_from_hits(class_stats(probs)["class_share"], "redrawn until the digit appears")
 
 
-def seconds_per_image_at_batch_1(name: str, nets, cfg: Config, device) -> float:
+def sample_metrics(ctx: Run, model, images, asked) -> dict:
+    """Clarity, coverage and controllability of one set of samples against the reference digits."""
+    probs, feats = predict(ctx.evaluator, images), features(ctx.evaluator, images)
+    precision, recall = precision_recall(ctx.ref_feats, feats)
+    return {"fid": frechet_distance(feats, ctx.ref_feats), "inception_score": inception_score(probs),
+            "precision": precision, "recall": recall, "sharpness": sharpness(images), **class_stats(probs),
+            "control": controllability(ctx, model, images, asked, probs),
+            "first_predictions": [[int(p.argmax()), float(p.max())] for p in probs[:10]]}
+
+
+def measure_real(ctx: Run) -> dict:
+    """The metrics of real training digits against the test digits: the floor for every model."""
+    real = ctx.train[0][:len(ctx.reference)].cpu()
+    real_feats, probs = features(ctx.evaluator, real), predict(ctx.evaluator, ctx.reference)
+    precision, recall = precision_recall(ctx.ref_feats, real_feats)
+    return {"n": len(ctx.reference), "fid_floor": frechet_distance(real_feats, ctx.ref_feats),
+            "inception_score": inception_score(probs), "precision": precision, "recall": recall,
+            "sharpness": sharpness(ctx.reference), **class_stats(probs)}
+
+
+def seconds_per_image_at_batch_1(ctx: Run, trained: Trained) -> float:
     """Median wall time of drawing one image alone (after one warm-up draw): what a user waits."""
-    repeats = 3 if name in DIFFUSION else 20
-    gen = torch.Generator(device).manual_seed(cfg.seed + 5)
-    asked = torch.tensor([7]) if name in CONDITIONAL else None
-    times = time_calls(lambda: draw(name, nets, 1, cfg, device, gen, asked, progress=False), 1, repeats, device)
+    model = trained.model
+    repeats = 3 if model.uses_sampler else 20
+    gen = torch.Generator(ctx.device).manual_seed(model.cfg.seed + 5)
+    asked = torch.tensor([7]) if trained.spec.conditional else None
+    times = time_calls(lambda: draw(model, 1, gen, ctx.export_sampler, asked), 1, repeats, ctx.device)
     return float(np.median(times))
 
 
-def draw_figures(samples: dict, labels: dict, nets_by_name: dict, histories: dict, cfg: Config,
-                 device, out: Path) -> dict:
-    """The assignment's figures, plus the loss curves; returns timing extras for results.json."""
-    extras = {}
-    notes = {name: sampler_label(name, cfg) for name in samples}
-    classes = DATASETS[cfg.dataset]["classes"]
-    for name in samples:
-        if name in CONDITIONAL:
-            grid_labels = torch.arange(10).repeat_interleave(10)  # 0 x10, 1 x10, ..., 9 x10
-            grid = draw(name, nets_by_name[name], 100, cfg, device,
-                        torch.Generator(device).manual_seed(cfg.seed + 3), grid_labels)
-            plot_label_grid(grid, grid_labels.numpy(), out / f"{name}_grid.png",
-                            f"{name.upper()}: row k = ten samples asked for class k ({notes[name]})", classes)
-        else:
-            plot_samples(samples[name], f"{name.upper()}: 10 random samples ({notes[name]})",
-                         out / f"{name}_samples.png")
-    if "ddpm" in samples and cfg.ancestral_preview and cfg.sampler != "ancestral":
-        preview, extras["ancestral_preview_seconds_per_image"] = timed_draw(
-            "ddpm", nets_by_name["ddpm"], cfg.ancestral_preview, cfg, device, cfg.seed + 2, progress=True,
-            sampler="ancestral")
-        plot_samples(preview, f"DDPM: {cfg.ancestral_preview} samples, "
-                     f"{sampler_label('ddpm', cfg, 'ancestral')} (same weights)",
-                     out / "ddpm_samples_ancestral.png")
-    plot_comparison(samples, notes, out / "comparison.png")
-    plot_losses(histories, out / "loss_curves.png")
-    return extras
+def epoch_fids(ctx: Run, probes: list) -> list:
+    """The classifier-FID of each epoch's samples against as many reference digits."""
+    return [frechet_distance(features(ctx.evaluator, p), ctx.ref_feats[:len(p)]) for p in probes]
 
 
-def measure_real(evaluator, train, reference, ref_feats) -> dict:
-    """The metrics of real training digits against the test digits: the floor for every model."""
-    real = train[0][:len(reference)].cpu()
-    real_feats, probs = features(evaluator, real), predict(evaluator, reference)
-    precision, recall = precision_recall(ref_feats, real_feats)
-    return {"n": len(reference), "fid_floor": frechet_distance(real_feats, ref_feats),
-            "inception_score": inception_score(probs), "precision": precision, "recall": recall,
-            "sharpness": sharpness(reference), **class_stats(probs)}
+@torch.inference_mode()
+def reconstructions(ctx: Run, model, pairs: int = 4, steps: int = 10) -> dict:
+    """Ten test digits and their reconstructions (decoded codes), straight lines in code space between
+    pairs of test digits, and the mean BCE per image of 1,000 test reconstructions."""
+    x = to_unit(ctx.test[0][:1000].to(ctx.device))
+    mu = model.codes(ctx.test[0][:1000])
+    recon = model.decode(mu)
+    bce = float(F.binary_cross_entropy(recon, x, reduction="sum") / len(x))
+    ends = mu[10:10 + 2 * pairs].reshape(pairs, 2, -1)  # pairs of codes (z_a, z_b)
+    w = torch.linspace(0, 1, steps, device=ctx.device)[None, :, None]
+    z = (1 - w) * ends[:, :1] + w * ends[:, 1:]  # z = (1 - w) z_a + w z_b
+    return {"bce": bce, "pairs": np.concatenate([to_uint8(x[:10], False), to_uint8(recon[:10], False)]),
+            "lines": to_uint8(model.decode(z.reshape(pairs * steps, -1)), signed=False), "shape": (pairs, steps)}
 
 
-def measure_model(name: str, nets, images, asked, evaluator, ref_feats, train, cfg: Config, device) -> dict:
-    """Clarity, coverage and controllability of one model's exported samples (section 9)."""
-    probs, feats = predict(evaluator, images), features(evaluator, images)
-    precision, recall = precision_recall(ref_feats, feats)
-    metrics = {"fid": frechet_distance(feats, ref_feats), "inception_score": inception_score(probs),
-               "precision": precision, "recall": recall, "sharpness": sharpness(images),
-               **class_stats(probs)}
-    if name in CONDITIONAL:
-        matrix = confusion(asked, probs)
-        how = "asked through its label" + (f", guidance {cfg.cddpm_guidance:g}" if name == "cddpm" else "")
-        metrics["control"] = control_from_hits(np.diag(matrix), how, matrix)
-    elif name == "vae":
-        means, stds = vae_class_codes(nets, *train)
-        wanted = balanced_labels(len(images))
-        steered = vae_steer(nets, means, stds, wanted, torch.Generator(device).manual_seed(cfg.seed + 6))
-        matrix = confusion(wanted, predict(evaluator, steered))
-        metrics["control"] = control_from_hits(np.diag(matrix), "steered to the encoder's class mean", matrix)
-    else:
-        metrics["control"] = control_from_hits(metrics["class_share"], "redrawn until the digit appears")
-    return metrics
+@torch.inference_mode()
+def latent_pca(ctx: Run, model, n: int = 5000) -> dict:
+    """The codes of n test digits on their first three principal components, and the share of the
+    codes' variance each component explains."""
+    mu, y = model.codes(ctx.test[0][:n]).cpu().double().numpy(), ctx.test[1][:n].numpy()
+    centred = mu - mu.mean(0)
+    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    return {"coords": centred @ vt[:3].T, "labels": y, "explained": (sing ** 2 / (sing ** 2).sum())[:3].tolist()}
 
 
-def train_and_measure(name: str, train, cfg: Config, device, out: Path, evaluator, ref_feats,
-                      epoch_fid: bool = True):
-    """Train one model, save its checkpoint and samples, and measure it. Returns (nets, history,
-    samples, asked labels, the model's results entry)."""
-    after_epoch, note = epoch_fid_tracker(name, cfg, device, evaluator, ref_feats)
-    nets, hist, parameters = train_model(name, train, cfg, device, after_epoch if epoch_fid else None,
-                                         checkpoint=out / "checkpoints" / f"{name}.pt")
-    images, asked, sample_seconds = export_samples(name, nets, cfg, device, out)
+def measure_model(ctx: Run, trained: Trained) -> dict:
+    """Every number of one trained model (section 9): efficiency from its training, stability from its
+    per-epoch samples, clarity and controllability from its exported samples."""
+    name, model, hist, cfg = trained.name, trained.model, trained.history, ctx.cfg
     epochs = cfg.model_epochs(name)
+    probe_n = len(hist.probes[-1]) if hist.probes else 0
     entry = {
         "epochs": epochs, "train_seconds": hist.seconds, "seconds_per_epoch": hist.seconds / epochs,
-        "train_images_per_second": hist.steps * cfg.batch_size / hist.seconds,
-        "parameters": parameters,
-        "sampler": sampler_label(name, cfg), "sample_seconds": sample_seconds,
-        "sample_batch": min(SAMPLE_BATCH, cfg.n_samples), "seconds_per_image": sample_seconds / cfg.n_samples,
-        "seconds_per_image_batch1": seconds_per_image_at_batch_1(name, nets, cfg, device),
+        "train_images_per_second": hist.steps * cfg.batch_size / hist.seconds, "parameters": trained.parameters,
+        "sampler": model.sampler_note(ctx.export_sampler), "sample_seconds": trained.sample_seconds,
+        "sample_batch": min(SAMPLE_BATCH, cfg.n_samples), "seconds_per_image": trained.sample_seconds / cfg.n_samples,
+        "seconds_per_image_batch1": seconds_per_image_at_batch_1(ctx, trained),
         "peak_memory_mb": hist.peak_memory_mb, "peak_memory_kind": hist.memory_kind,
-        "epoch_fid": hist.measures.get("epoch_fid", []), "epoch_fid_note": note,
-        "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}, "epoch_loss": hist.epoch}
-    entry.update(measure_model(name, nets, images, asked, evaluator, ref_feats, train, cfg, device))
-    return nets, hist, images, asked, entry
+        "epoch_fid": epoch_fids(ctx, hist.probes),
+        "epoch_fid_note": f"{probe_n} samples" + (f", DDIM-{cfg.epoch_fid_ddim_steps}" if model.uses_sampler else ""),
+        "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}, "epoch_loss": hist.epoch,
+        **trained.extras}
+    entry.update(sample_metrics(ctx, model, trained.samples, trained.asked))
+    if hasattr(model, "codes"):
+        ctx.arrays[f"{name}_reconstructions"] = reconstructions(ctx, model)
+        ctx.arrays[f"{name}_latent"] = latent_pca(ctx, model)
+        entry["test_reconstruction_bce"] = ctx.arrays[f"{name}_reconstructions"]["bce"]
+        entry["latent_pca_variance"] = ctx.arrays[f"{name}_latent"]["explained"]
+    return entry
 
 
-def seed_spread(cfg: Config, train, device, out: Path, evaluator, ref_feats, results: dict) -> dict:
-    """Train every model again with seeds seed+1 ... seed+seeds-1 and collect the spread of the
-    headline metrics (the first seed's values come from the main run)."""
-    keys = ("fid", "inception_score", "precision", "recall", "coverage")
-    spread = {name: {"seeds": [cfg.seed], **{k: [results["models"][name][k]] for k in keys},
-                     "control_score": [results["models"][name]["control"]["score"]], "failed_seeds": []}
-              for name in results["models"]}
-    for seed in range(cfg.seed + 1, cfg.seed + cfg.seeds):
-        scfg = dataclasses.replace(cfg, seed=seed)
-        for name in spread:
-            print(f"seed {seed}: {name}")
-            try:
-                *_, entry = train_and_measure(name, train, scfg, device, out / f"seed-{seed}", evaluator,
-                                              ref_feats, epoch_fid=False)
-            except FloatingPointError as err:
-                spread[name]["failed_seeds"].append({"seed": seed, "reason": str(err)})
-                continue
-            spread[name]["seeds"].append(seed)
-            for k in keys:
-                spread[name][k].append(entry[k])
-            spread[name]["control_score"].append(entry["control"]["score"])
-    for name, s in spread.items():
-        s["summary"] = {k: {"mean": float(np.mean(s[k])),
-                            "std": float(np.std(s[k], ddof=1)) if len(s[k]) > 1 else None}
-                        for k in (*keys, "control_score")}
-    return spread
-
-
-def run(cfg: Config) -> dict:
-    device = pick_device(cfg)
-    out = Path(cfg.out)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    started = time.perf_counter()
-    train = tuple(t.to(device) for t in load_mnist(cfg.data_root, train=True, dataset=cfg.dataset))
-    test = load_mnist(cfg.data_root, train=False, dataset=cfg.dataset)
-    print(f"profile {cfg.profile} on {device}: {len(train[0])} training images, "
-          f"models {', '.join(cfg.models)}, epochs {[cfg.model_epochs(m) for m in cfg.models]}")
-    results = {"config": dataclasses.asdict(cfg), "environment": environment(cfg, device), "models": {}}
-
-    evaluator, acc, cached = train_evaluator(train, test, cfg, device, out / "checkpoints" / "evaluator.pt")
-    print(f"evaluator test accuracy {100 * acc:.2f}%" + (" (cached)" if cached else ""))
-    results["evaluator"] = {"test_accuracy": acc, "cached": cached}
-    reference = test[0][:cfg.n_samples]  # the real digits every model is compared with
-    ref_feats = features(evaluator, reference)
-    results["real_test"] = measure_real(evaluator, train, reference, ref_feats)
-
-    samples, labels, nets_by_name, histories = {}, {}, {}, {}
-    results["failed"] = {}  # model -> why it stopped (a non-finite loss); the other models go on
-    for name in cfg.models:
-        try:
-            nets, hist, samples[name], asked, entry = train_and_measure(
-                name, train, cfg, device, out, evaluator, ref_feats)
-        except FloatingPointError as err:
-            results["failed"][name] = f"{err}; its last finished epoch is kept in {out / 'checkpoints' / name}.pt"
-            print(f"{name} FAILED: {results['failed'][name]}. The other models go on.")
+@stage
+def measure_section(ctx):
+    """Measure every trained model that has not been measured yet; print its headline numbers."""
+    if not ctx.models:
+        return
+    if "real_test" not in ctx.results:
+        ctx.results["real_test"] = measure_real(ctx)
+        real = ctx.results["real_test"]
+        print(f"real training digits against the test digits (the floor): classifier-FID {real['fid_floor']:.1f}, "
+              f"precision {real['precision']:.2f}, recall {real['recall']:.2f}")
+    for name, trained in ctx.models.items():
+        if name in ctx.results["models"]:
             continue
-        nets_by_name[name], histories[name], results["models"][name] = nets, hist.as_dict(), entry
-        if asked is not None:
-            labels[name] = asked
-        print(f"{name}: trained {hist.seconds:.0f}s, {cfg.n_samples} samples in {entry['sample_seconds']:.1f}s "
-              f"({entry['sampler']}), classifier-FID {entry['fid']:.1f}")
-    if not results["models"]:
-        write_json(out / "results.json", results)
-        raise SetupError("every model failed: " + "; ".join(results["failed"].values()))
-
-    extras = draw_figures(samples, labels, nets_by_name, histories, cfg, device, out)
-    if extras:
-        results["models"]["ddpm"].update(extras)
-    results["scores"] = axis_scores(results)
-    if "vae" in nets_by_name:
-        results["vae_latent_pca_variance"] = plot_vae_latent_3d(nets_by_name["vae"], test, out / "vae_latent_3d.png")
-        results["models"]["vae"]["test_reconstruction_bce"] = plot_vae_reconstructions(
-            nets_by_name["vae"], test, out / "vae_reconstructions.png")
-    plot_annotated(samples, evaluator, out / "annotated_samples.png", DATASETS[cfg.dataset]["classes"])
-    draw_comparison_figures(results, out)
-    if "cddpm" in nets_by_name:
-        results["guidance_study"] = guidance_study(nets_by_name["cddpm"], cfg, device, evaluator, ref_feats, out)
-    if cfg.sampler_study and "ddpm" in nets_by_name:
-        results["sampler_study"] = sampler_study(nets_by_name["ddpm"], cfg, device, evaluator, ref_feats, out)
-    if cfg.sweep_steps:
-        results["sweeps"] = sweeps(cfg, train, device, evaluator, ref_feats, out)
-    if cfg.reference_ddpm and "ddpm" in nets_by_name:
-        results["reference_ddpm"] = slower_design_at_equal_time(
-            cfg, train, device, evaluator, ref_feats, results["models"]["ddpm"], nets_by_name["ddpm"], out)
-    if cfg.seeds > 1:
-        results["seed_spread"] = seed_spread(cfg, train, device, out, evaluator, ref_feats, results)
-    if cfg.ddpm_study_steps:
-        results["ddpm_design_study"] = ddpm_design_study(cfg, train, ref_feats, evaluator, device, out)
-    results["total_seconds"] = time.perf_counter() - started
-    results["histories"] = histories
-    table = metrics_table(results)
-    results["analysis"] = table.to_dict(orient="index")
-    write_json(out / "results.json", results)
-    write_metrics(results, table, out)
-    write_text(out / "REPORT.md", report_markdown(results, table))
-    return results
-
-
-def write_text(path: Path, text: str):
-    """Write atomically: a temporary file, then a rename, so no reader sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj):
-    write_text(path, json.dumps(obj, indent=1, default=float))
+        m = ctx.results["models"][name] = measure_model(ctx, trained)
+        print(f"{trained.spec.title}: classifier-FID {m['fid']:.1f} (floor {ctx.results['real_test']['fid_floor']:.1f}), "
+              f"precision {m['precision']:.2f}, recall {m['recall']:.2f}, one attempt yields the chosen digit "
+              f"{100 * m['control']['hit_rate']:.1f}% ({m['control']['method']}), "
+              f"{1000 * m['seconds_per_image_batch1']:.2f} ms per image at batch 1")
 
 
 # %% [markdown]
-# ## 12. Scores, table and report
+# ## 10. Scores
 #
-# Each axis becomes a score from 0 (worst) to 1 (best) by one formula, the same for every
-# model, from the numbers measured above (no constant is set per model):
+# Each axis becomes a score from 0 (worst) to 1 (best) by one formula, the same for every model,
+# from the numbers measured above (no constant is set per model):
 #
 # * **clarity** $= \frac{1}{3}\Big(\min\big(1, \frac{\mathrm{FID}_\text{floor}}{\mathrm{FID}}\big) + \text{precision} +
 #   \min\big(\frac{s}{s_\text{real}}, \frac{s_\text{real}}{s}\big)\Big)$, with $s$ the sharpness;
@@ -2235,9 +2257,7 @@ def write_json(path: Path, obj):
 #   seconds, seconds per image at batch 1000 and at batch 1, and peak memory, each against the
 #   cheapest model of this run ($c_\text{min}$); 10× the cheapest cost scores 0.5, 100× scores 0.33.
 #
-# The table holds the raw numbers beside the scores; `metrics.csv` and `metrics.json` hold the
-# same (the JSON also the environment and the formulas), and `REPORT.md` the written analysis,
-# generated from these numbers so that it cannot disagree with them.
+# The table holds the raw numbers beside the scores.
 
 # %%
 SCORE_FORMULAS = {
@@ -2258,8 +2278,10 @@ def clarity_score(m: dict, real: dict) -> float:
 
 def stability_score(m: dict) -> float:
     curve = m["epoch_fid"]
-    steadiness = min(curve) / curve[-1]
-    return float(np.mean([m["coverage"], m["recall"], min(1.0, 10 * m["smallest_class_share"]), steadiness]))
+    terms = [m["coverage"], m["recall"], min(1.0, 10 * m["smallest_class_share"])]
+    if curve:  # no per-epoch samples (a checkpoint from before they were kept): left out
+        terms.append(min(curve) / curve[-1])
+    return float(np.mean(terms))
 
 
 def efficiency_scores(models: dict) -> dict:
@@ -2287,6 +2309,7 @@ def metrics_table(results: dict) -> pd.DataFrame:
     rows = {}
     for name, m in results["models"].items():
         s = results["scores"][name]
+        curve = m["epoch_fid"] or [float("nan")]
         rows[name] = {
             "clarity_fid": m["fid"], "clarity_inception_score": m["inception_score"],
             "clarity_precision": m["precision"], "clarity_sharpness": m["sharpness"],
@@ -2295,8 +2318,8 @@ def metrics_table(results: dict) -> pd.DataFrame:
             "control_attempts_per_digit": m["control"]["attempts_per_digit"] or float("inf"),
             "control_score": s["control"],
             "stability_coverage": m["coverage"], "stability_smallest_class_share": m["smallest_class_share"],
-            "stability_recall": m["recall"], "stability_best_epoch_fid": min(m["epoch_fid"]),
-            "stability_last_epoch_fid": m["epoch_fid"][-1], "stability_score": s["stability"],
+            "stability_recall": m["recall"], "stability_best_epoch_fid": min(curve),
+            "stability_last_epoch_fid": curve[-1], "stability_score": s["stability"],
             "efficiency_train_seconds": m["train_seconds"], "efficiency_seconds_per_epoch": m["seconds_per_epoch"],
             "efficiency_train_images_per_second": m["train_images_per_second"],
             "efficiency_parameters": m["parameters"],
@@ -2316,6 +2339,199 @@ def metrics_table(results: dict) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
+def title(name: str) -> str:
+    """A model's title (MODELS), or the name itself for a row that is not a model."""
+    return MODELS[name].title if name in MODELS else name
+
+
+@stage
+def scores_section(ctx):
+    """Score the four axes and show the table: scores first, then every raw number (one column per model)."""
+    if not ctx.results["models"]:
+        return
+    results = ctx.results
+    results["scores"] = axis_scores(results)
+    table = metrics_table(results)
+    results["analysis"] = table.to_dict(orient="index")
+    scores = pd.DataFrame(results["scores"]).T.rename(index=title)
+    print("scores (0-1):\n" + scores.to_string(float_format=lambda v: f"{v:.3f}"))
+    for axis, formula in SCORE_FORMULAS.items():
+        print(f"  {axis} = {formula}")
+    print(table.T.rename(columns=title).to_string(float_format=lambda v: f"{v:.4g}"))
+
+
+# %% [markdown]
+# ## 11. Figures
+#
+# The comparison of samples, every model's loss curves, the classifier-FID after every epoch,
+# controllability per digit with confusion matrices, the VAE's reconstructions and its latent space
+# in 3D, what the evaluator sees in each model's samples, and the four scores as a 3D plot and a
+# radar chart. These functions only draw: every number they show comes from the results above.
+
+# %%
+# @title The comparison figures { display-mode: "form" }
+def plot_comparison(samples: dict, notes: dict, path: Path):
+    fig, axes = plt.subplots(len(samples), 1, figsize=(10, 1.5 * len(samples) + 0.4))
+    axes = np.atleast_1d(axes)
+    for ax, (name, images) in zip(axes, samples.items()):
+        image_grid(ax, images, 1, 10, f"{title(name)}  ({notes[name]})")
+    fig.suptitle("Ten samples from each model", y=1.0)
+    show(fig, path)
+
+
+def plot_epoch_fid(curves: dict, notes: dict, floor: float, path: Path):
+    """Classifier-FID after every epoch: a falling curve converges, a zig-zag oscillates."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, curve in curves.items():
+        ax.plot(np.arange(1, len(curve) + 1), curve, "o-", color=MODELS[name].colour,
+                label=f"{title(name)} ({notes[name]})")
+    ax.axhline(floor, color="gray", ls="--", label=f"real train vs test ({floor:.1f})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("classifier-FID (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("Stability: classifier-FID after every epoch")
+    ax.legend(fontsize=7)
+    show(fig, path)
+
+
+def plot_control(controls: dict, path: Path, classes=DATASETS["mnist"]["classes"]):
+    """Per-class success rate of one attempt, and the asked-vs-seen confusion matrices."""
+    with_matrix = [n for n, c in controls.items() if c["confusion"] is not None]
+    fig = plt.figure(figsize=(5.5 + 3.2 * len(with_matrix), 3.6))
+    grid = fig.add_gridspec(1, 1 + len(with_matrix), width_ratios=[1.8] + [1] * len(with_matrix))
+    ax = fig.add_subplot(grid[0])
+    width = 0.8 / len(controls)
+    for i, (name, c) in enumerate(controls.items()):
+        ax.bar(np.arange(10) + (i - (len(controls) - 1) / 2) * width, c["per_class_hit"], width,
+               color=MODELS[name].colour, label=f"{title(name)}: {c['method']}")
+    long_names = len(max(classes, key=len)) >= 3  # Fashion-MNIST's: slanted, and the legend moves down
+    ax.set_xticks(range(10), classes, rotation=60 if long_names else 0, fontsize=7)
+    ax.set_xlabel("chosen class d")
+    ax.set_ylabel("p_d: one attempt yields d")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.45 if long_names else -0.18))
+    ax.set_title("Controllability per class")
+    for k, name in enumerate(with_matrix, start=1):
+        cax = fig.add_subplot(grid[k])
+        cax.imshow(np.asarray(controls[name]["confusion"]), cmap="Blues", vmin=0, vmax=1)
+        cax.set_xticks(range(10))
+        cax.set_yticks(range(10))
+        cax.set_xlabel("class the evaluator sees", fontsize=8)
+        cax.set_ylabel("class asked for", fontsize=8)
+        cax.set_title(f"{title(name)} confusion", fontsize=9)
+    show(fig, path)
+
+
+def plot_scores_3d(scores: dict, path: Path):
+    """Clarity, stability and controllability on the axes; efficiency as marker size and colour."""
+    fig = plt.figure(figsize=(6.5, 5.5))
+    ax = fig.add_subplot(projection="3d")
+    eff = np.array([s["efficiency"] for s in scores.values()])
+    points = ax.scatter([s["clarity"] for s in scores.values()], [s["stability"] for s in scores.values()],
+                        [s["control"] for s in scores.values()], s=60 + 440 * eff, c=eff, cmap="viridis",
+                        vmin=0, vmax=1, depthshade=False, edgecolors="k")
+    for name, s in scores.items():  # a dotted stem down to the floor makes the height readable
+        ax.plot([s["clarity"]] * 2, [s["stability"]] * 2, [0, s["control"]], ":", color="gray", lw=0.8)
+        ax.text(s["clarity"], s["stability"], s["control"] + 0.04, title(name), fontsize=9)
+    ax.scatter([1], [1], [1], marker="*", s=250, color="gold", edgecolors="k", depthshade=False)
+    ax.text(1, 1, 1.06, "ideal", fontsize=9)
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.set_zlim(0, 1)
+    ax.set_xlabel("clarity")
+    ax.set_ylabel("stability")
+    ax.set_zlabel("controllability")
+    fig.colorbar(points, ax=ax, shrink=0.6, pad=0.12, label="efficiency (also marker size)")
+    ax.set_title("The four axes (scores 0-1, ideal corner starred)")
+    show(fig, path)
+
+
+def plot_radar(scores: dict, path: Path):
+    axes_names = ["clarity", "control", "stability", "efficiency"]
+    angles = np.linspace(0, 2 * np.pi, len(axes_names), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(5, 5), subplot_kw={"projection": "polar"})
+    for name, s in scores.items():
+        values = [s[a] for a in axes_names]
+        ax.plot(angles + angles[:1], values + values[:1], "o-", color=MODELS[name].colour, label=title(name))
+        ax.fill(angles + angles[:1], values + values[:1], color=MODELS[name].colour, alpha=0.08)
+    ax.set_xticks(angles)
+    ax.set_xticklabels(axes_names)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1), fontsize=8)
+    ax.set_title("Scores per axis (1 = best)")
+    show(fig, path)
+
+
+def plot_reconstructions(rec: dict, model_title: str, path: Path):
+    """Top: ten test digits and their reconstructions. Below: decoded straight lines between codes."""
+    pairs, steps = rec["shape"]
+    fig, axes = plt.subplots(2, 1, figsize=(10, 2.2 + 1.0 * pairs), gridspec_kw={"height_ratios": [2, pairs]})
+    image_grid(axes[0], rec["pairs"], 2, 10,
+               f"{model_title}: test digits (top) and their reconstructions (mean BCE {rec['bce']:.1f} per image)")
+    image_grid(axes[1], rec["lines"], pairs, steps, "latent interpolation: z = (1 - w) z_a + w z_b, w from 0 to 1")
+    show(fig, path)
+
+
+def plot_annotated(samples: dict, predictions: dict, path: Path, classes=DATASETS["mnist"]["classes"]):
+    """Ten samples per model, each titled with the evaluator's predicted class and its confidence."""
+    fig, axes = plt.subplots(len(samples), 10, figsize=(10, 1.25 * len(samples) + 0.3), squeeze=False)
+    for row, (name, images) in zip(axes, samples.items()):
+        for ax, image, (label, confidence) in zip(row, images[:10], predictions[name]):
+            ax.imshow(255 - image, cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"{classes[label]} ({confidence:.2f})", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row[0].set_ylabel(title(name), fontsize=9)
+    fig.suptitle("What the evaluator sees: predicted class (confidence)", y=1.0)
+    show(fig, path)
+
+
+def plot_latent_3d(pca: dict, model_title: str, path: Path):
+    """Codes of test digits on their first three principal components, coloured by digit."""
+    fig = plt.figure(figsize=(6.5, 5.5))
+    ax = fig.add_subplot(projection="3d")
+    points = ax.scatter(*pca["coords"].T, c=pca["labels"], cmap="tab10", s=4, alpha=0.7, vmin=-0.5, vmax=9.5)
+    for k, label in enumerate("xyz"):
+        getattr(ax, f"set_{label}label")(f"PC{k + 1} ({100 * pca['explained'][k]:.0f}% of variance)")
+    fig.colorbar(points, ax=ax, ticks=range(10), shrink=0.6, pad=0.12, label="digit")
+    ax.set_title(f"{model_title} latent space: {len(pca['coords'])} test digits' codes, 3 principal components")
+    show(fig, path)
+
+
+def draw_figures(ctx: Run):
+    results, out, classes = ctx.results, ctx.out, DATASETS[ctx.cfg.dataset]["classes"]
+    measured = {n: ctx.models[n] for n in results["models"]}
+    models = results["models"]
+    plot_comparison({n: t.samples for n, t in measured.items()}, {n: m["sampler"] for n, m in models.items()},
+                    out / "comparison.png")
+    plot_losses({n: t.history.as_dict() for n, t in measured.items()}, out / "loss_curves.png")
+    plot_epoch_fid({n: m["epoch_fid"] for n, m in models.items()}, {n: m["epoch_fid_note"] for n, m in models.items()},
+                   results["real_test"]["fid_floor"], out / "epoch_fid.png")
+    plot_control({n: m["control"] for n, m in models.items()}, out / "controllability.png", classes)
+    plot_scores_3d(results["scores"], out / "scores_3d.png")
+    plot_radar(results["scores"], out / "scores_radar.png")
+    for name in measured:
+        if f"{name}_latent" in ctx.arrays:
+            plot_reconstructions(ctx.arrays[f"{name}_reconstructions"], title(name), out / f"{name}_reconstructions.png")
+            plot_latent_3d(ctx.arrays[f"{name}_latent"], title(name), out / f"{name}_latent_3d.png")
+    plot_annotated({n: t.samples for n, t in measured.items()}, {n: m["first_predictions"] for n, m in models.items()},
+                   out / "annotated_samples.png", classes)
+
+
+@stage
+def figures_section(ctx):
+    """Draw (and save) the comparison figures from the results."""
+    if ctx.results["models"]:
+        draw_figures(ctx)
+
+
+# %% [markdown]
+# ## 12. The written report
+#
+# `results.json` holds everything (with the config and the environment), `metrics.csv` and
+# `metrics.json` the table and the scores, and `REPORT.md` the written analysis, generated from these
+# numbers so that it cannot disagree with them.
+
+# %%
+# @title The results files and the written report { display-mode: "form" }
 def write_metrics(results: dict, table: pd.DataFrame, out: Path):
     """metrics.csv (the table) and metrics.json (the table, the formulas and the run's environment)."""
     write_text(out / "metrics.csv", table.to_csv(index_label="model"))
@@ -2325,21 +2541,11 @@ def write_metrics(results: dict, table: pd.DataFrame, out: Path):
                         "n_samples": cfg["n_samples"], "seeds": cfg["seeds"]},
         "evaluator_test_accuracy": results["evaluator"]["test_accuracy"],
         "failed": results["failed"], "score_formulas": SCORE_FORMULAS, "scores": results["scores"],
+        "titles": {n: title(n) for n in results["models"]},
         "table": json.loads(table.to_json(orient="index")),
         "control": {n: m["control"] for n, m in results["models"].items()},
         "epoch_fid": {n: {"values": m["epoch_fid"], "note": m["epoch_fid_note"]} for n, m in results["models"].items()},
         "config": cfg})
-
-
-def draw_comparison_figures(results: dict, out: Path):
-    models = results["models"]
-    plot_epoch_fid({n: m["epoch_fid"] for n, m in models.items()},
-                   {n: m["epoch_fid_note"] for n, m in models.items()},
-                   results["real_test"]["fid_floor"], out / "epoch_fid.png")
-    plot_control({n: m["control"] for n, m in models.items()}, out / "controllability.png",
-                 DATASETS[results["config"]["dataset"]]["classes"])
-    plot_scores_3d(results["scores"], out / "scores_3d.png")
-    plot_radar(results["scores"], out / "scores_radar.png")
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -2369,30 +2575,30 @@ def noun(results: dict) -> str:
 def clarity_text(results: dict) -> str:
     m, real, thing = results["models"], results["real_test"], noun(results)
     by_fid = sorted(m, key=lambda n: m[n]["fid"])
-    text = ("Classifier-FID (lower is better) ranks " + ", ".join(f"{n.upper()} {m[n]['fid']:.1f}" for n in by_fid)
+    text = ("Classifier-FID (lower is better) ranks " + ", ".join(f"{title(n)} {m[n]['fid']:.1f}" for n in by_fid)
             + f"; real training {thing}s against the test {thing}s score {real['fid_floor']:.1f}, the floor. ")
     by_precision = sorted(m, key=lambda n: -m[n]["precision"])
-    text += (f"Precision is highest for {by_precision[0].upper()} ({m[by_precision[0]]['precision']:.2f}) and "
-             f"lowest for {by_precision[-1].upper()} ({m[by_precision[-1]]['precision']:.2f}); real {thing}s "
+    text += (f"Precision is highest for {title(by_precision[0])} ({m[by_precision[0]]['precision']:.2f}) and "
+             f"lowest for {title(by_precision[-1])} ({m[by_precision[-1]]['precision']:.2f}); real {thing}s "
              f"score {real['precision']:.2f}. ")
     gaps = {n: abs(m[n]["sharpness"] - real["sharpness"]) for n in m}
     sharpest = max(m, key=lambda n: m[n]["sharpness"])
     blurriest = min(m, key=lambda n: m[n]["sharpness"])
-    text += (f"{sharpest.upper()} has the sharpest strokes ({m[sharpest]['sharpness']:.3f}), "
-             f"{blurriest.upper()} the blurriest ({m[blurriest]['sharpness']:.3f}), against "
-             f"{real['sharpness']:.3f} on real {thing}s; closest to real is {min(gaps, key=gaps.get).upper()}. ")
+    text += (f"{title(sharpest)} has the sharpest strokes ({m[sharpest]['sharpness']:.3f}), "
+             f"{title(blurriest)} the blurriest ({m[blurriest]['sharpness']:.3f}), against "
+             f"{real['sharpness']:.3f} on real {thing}s; closest to real is {title(min(gaps, key=gaps.get))}. ")
     by_is = sorted(m, key=lambda n: -m[n]["inception_score"])
     text += (f"Classifier Inception Score (1 to 10, real {thing}s " + f"{real['inception_score']:.2f}): "
-             + ", ".join(f"{n.upper()} {m[n]['inception_score']:.2f}" for n in by_is) + ".")
+             + ", ".join(f"{title(n)} {m[n]['inception_score']:.2f}" for n in by_is) + ".")
     by_score = sorted(m, key=lambda n: -results["scores"][n]["clarity"])
     if by_score != by_fid:
         text += (" The clarity score (FID against the floor, precision and sharpness together) ranks "
-                 + ", ".join(f"{n.upper()} {results['scores'][n]['clarity']:.3f}" for n in by_score)
+                 + ", ".join(f"{title(n)} {results['scores'][n]['clarity']:.3f}" for n in by_score)
                  + f", which differs from the FID order: precision rewards typical-looking {thing}s even when "
                    "blurred, and sharpness penalises speckle as much as blur.")
     if by_is[0] != by_fid[0]:
-        text += (f" FID and Inception Score disagree on the best model ({by_fid[0].upper()} vs "
-                 f"{by_is[0].upper()}): IS rewards confident, balanced classes, FID the whole feature distribution.")
+        text += (f" FID and Inception Score disagree on the best model ({title(by_fid[0])} vs "
+                 f"{title(by_is[0])}): IS rewards confident, balanced classes, FID the whole feature distribution.")
     return text
 
 
@@ -2405,10 +2611,9 @@ def control_text(results: dict) -> str:
         hits = np.asarray(c["per_class_hit"])
         attempts = f"never gets some {thing}" if c["attempts_per_digit"] is None else \
             f"needs {c['attempts_per_digit']:.1f} attempts per chosen {thing} on average"
-        parts.append(f"{n.upper()} ({c['method']}) yields the chosen {thing} {100 * c['hit_rate']:.1f}% of the "
+        parts.append(f"{title(n)} ({c['method']}) yields the chosen {thing} {100 * c['hit_rate']:.1f}% of the "
                      f"time and {attempts} (score {c['score']:.3f}); its hardest {thing} is "
-                     f"{classes[int(hits.argmin())]} "
-                     f"({100 * hits.min():.1f}%)")
+                     f"{classes[int(hits.argmin())]} ({100 * hits.min():.1f}%)")
     return "; ".join(parts) + (f". A model drawing every {thing} equally often at random would need 10 attempts "
                                "(score 0.1).")
 
@@ -2419,17 +2624,17 @@ def efficiency_text(results: dict) -> str:
     slowest = max(m, key=lambda n: m[n]["train_seconds"])
     quick = min(m, key=lambda n: m[n]["seconds_per_image_batch1"])
     slow = max(m, key=lambda n: m[n]["seconds_per_image_batch1"])
-    text = ("Training: " + ", ".join(f"{n.upper()} {m[n]['train_seconds']:.0f} s ({m[n]['epochs']} epochs, "
+    text = ("Training: " + ", ".join(f"{title(n)} {m[n]['train_seconds']:.0f} s ({m[n]['epochs']} epochs, "
                                      f"{m[n]['train_images_per_second']:.0f} images/s)" for n in m) + ". ")
-    text += (f"{slowest.upper()} costs {m[slowest]['train_seconds'] / m[fastest]['train_seconds']:.1f}x the "
-             f"training time of {fastest.upper()}. One image at batch 1 takes "
-             + ", ".join(f"{n.upper()} {1000 * m[n]['seconds_per_image_batch1']:.2f} ms" for n in m)
-             + f": {slow.upper()} ({m[slow]['sampler']}) is "
+    text += (f"{title(slowest)} costs {m[slowest]['train_seconds'] / m[fastest]['train_seconds']:.1f}x the "
+             f"training time of {title(fastest)}. One image at batch 1 takes "
+             + ", ".join(f"{title(n)} {1000 * m[n]['seconds_per_image_batch1']:.2f} ms" for n in m)
+             + f": {title(slow)} ({m[slow]['sampler']}) is "
              f"{m[slow]['seconds_per_image_batch1'] / m[quick]['seconds_per_image_batch1']:.0f}x slower than "
-             f"{quick.upper()}. Parameters: " + ", ".join(f"{n.upper()} {m[n]['parameters']:,}" for n in m) + ". ")
+             f"{title(quick)}. Parameters: " + ", ".join(f"{title(n)} {m[n]['parameters']:,}" for n in m) + ". ")
     if all(m[n]["peak_memory_mb"] for n in m):
         text += (f"Peak memory ({m[fastest]['peak_memory_kind']}): "
-                 + ", ".join(f"{n.upper()} {m[n]['peak_memory_mb']:.0f} MB" for n in m) + ".")
+                 + ", ".join(f"{title(n)} {m[n]['peak_memory_mb']:.0f} MB" for n in m) + ".")
     else:
         text += "Peak memory: not measurable on this platform (no CUDA and no /proc), left out of the score."
     return text
@@ -2438,108 +2643,74 @@ def efficiency_text(results: dict) -> str:
 def stability_text(results: dict) -> str:
     m, real, thing = results["models"], results["real_test"], noun(results)
     collapsed = [n for n in m if m[n]["coverage"] < 0.9 or m[n]["smallest_class_share"] < 0.02]
-    text = ("Class coverage " + ", ".join(f"{n.upper()} {m[n]['coverage']:.3f}" for n in m)
-            + f" (real {real['coverage']:.3f}); recall " + ", ".join(f"{n.upper()} {m[n]['recall']:.2f}" for n in m)
+    text = ("Class coverage " + ", ".join(f"{title(n)} {m[n]['coverage']:.3f}" for n in m)
+            + f" (real {real['coverage']:.3f}); recall " + ", ".join(f"{title(n)} {m[n]['recall']:.2f}" for n in m)
             + f" (real {real['recall']:.2f}). ")
-    text += (f"Signs of mode collapse in {', '.join(n.upper() for n in collapsed)}: coverage below 0.9 or a {thing} "
-             "under 2% of the samples (" + ", ".join(f"{n.upper()} smallest class {100 * m[n]['smallest_class_share']:.1f}%"
+    text += (f"Signs of mode collapse in {', '.join(title(n) for n in collapsed)}: coverage below 0.9 or a {thing} "
+             "under 2% of the samples (" + ", ".join(f"{title(n)} smallest class {100 * m[n]['smallest_class_share']:.1f}%"
                                                       for n in collapsed) + "). "
              if collapsed else f"No model shows mode collapse (every {thing} at least 2% of samples, coverage at least "
                                "0.9). ")
     for n in m:
         curve = m[n]["epoch_fid"]
+        if not curve:
+            text += f"{title(n)}: no per-epoch samples were kept (its checkpoint predates them). "
+            continue
         best = int(np.argmin(curve))
         rises = sum(1 for a, b in zip(curve, curve[1:]) if b > a)
-        text += (f"{n.upper()}: FID per epoch {curve[0]:.1f} -> {curve[-1]:.1f}, best at epoch {best + 1} of "
+        text += (f"{title(n)}: FID per epoch {curve[0]:.1f} -> {curve[-1]:.1f}, best at epoch {best + 1} of "
                  f"{len(curve)}, {rises} rise(s) between epochs. ")
-    for n in ("gan", "cgan"):
-        if n in m:
-            loss = m[n]["final_epoch_loss"]
-            text += f"{n.upper()} last-epoch losses: G {loss['G']:.2f}, D {loss['D']:.2f}. "
-    if "wgan" in m:
-        w = m["wgan"]["epoch_loss"]["W"]
-        text += ("WGAN-GP Wasserstein estimate E[C(x)] - E[C(G(z))] per epoch: " + " -> ".join(f"{v:.2f}" for v in w)
-                 + f" (gradient penalty in the last epoch {m['wgan']['final_epoch_loss']['GP']:.3f}). ")
+    text += "Last-epoch mean losses: " + "; ".join(
+        f"{title(n)} " + ", ".join(f"{k} {m[n]['final_epoch_loss'][k]:.2f}" for k in MODELS[n].curves) for n in m) + ". "
+    for n in m:
+        for key, meaning in MODELS[n].trends.items():
+            text += (f"{title(n)} {meaning} per epoch: " + " -> ".join(f"{v:.2f}" for v in m[n]["epoch_loss"][key])
+                     + ". ")
     spread = results.get("seed_spread")
     if spread:
         def mean_sd(s):
             fid = s["summary"]["fid"]
             sd = f" ± {fid['std']:.1f}" if fid["std"] is not None else " (one seed)"
             return f"{fid['mean']:.1f}{sd} over seeds {', '.join(map(str, s['seeds']))}"
-        text += "Classifier-FID, mean ± sd: " + ", ".join(f"{n.upper()} {mean_sd(s)}" for n, s in spread.items()) + "."
+        text += "Classifier-FID, mean ± sd: " + ", ".join(f"{title(n)} {mean_sd(s)}" for n, s in spread.items()) + "."
     return text.strip()
 
 
-REPORT_FIGURES = [
-    ("comparison.png", "Ten samples from each model"), ("cgan_grid.png", "cGAN: each row asks for one digit"),
-    ("scores_3d.png", "Clarity, stability and controllability; efficiency as colour and size"),
-    ("scores_radar.png", "The four scores"), ("epoch_fid.png", "Classifier-FID after every epoch"),
-    ("controllability.png", "Per-digit success of one attempt; confusion matrices"),
-    ("loss_curves.png", "Training losses"), ("vae_latent_3d.png", "VAE latent space (3 principal components)"),
-    ("ddpm_samples_ancestral.png", "DDPM with the 1000-step ancestral sampler"),
-    ("annotated_samples.png", "Samples with the evaluator's predicted digit and confidence"),
-    ("vae_reconstructions.png", "VAE reconstructions and latent interpolations"),
-    ("cddpm_grid.png", "cDDPM: each row asks for one class"),
-    ("ddpm_design.png", "DDPM design study")]
+ANALYSIS = (("Clarity", clarity_text), ("Controllability", control_text), ("Efficiency", efficiency_text),
+            ("Stability", stability_text))
+# the appendix's studies (Part C): their key in the results, and the function that writes their report section
+STUDY_SECTIONS = {"guidance_study": "guidance_markdown", "sampler_study": "sampler_study_markdown",
+                  "sweeps": "sweeps_markdown", "seed_spread": "seed_spread_markdown",
+                  "ddpm_design_study": "design_study_markdown", "reference_ddpm": "slower_design_markdown"}
 
 
-def studies_markdown(results: dict) -> list:
-    """REPORT.md's sections for the opt-in studies that ran (section 13b), each with its table and figure."""
-    lines = []
-    g = results.get("guidance_study")
-    if g:
-        df = pd.DataFrame.from_dict({f"w = {w}": {
-            "conditional accuracy %": 100 * r["accuracy"], "classifier-FID": r["fid"],
-            "evaluator confidence": r["confidence"], "ms per image": 1000 * r["seconds_per_image"]}
-            for w, r in g["weights"].items()}, orient="index")
-        lines += ["## cDDPM: classifier-free guidance", "",
-                  f"{g['n']} samples per weight ({g['sampler']}), the asked classes balanced, the same noise for "
-                  "every weight. Conditional accuracy: the share the evaluator sees as the asked class.", "",
-                  markdown_table(df), "", "![guidance](cddpm_guidance.png)", ""]
-    st = results.get("sampler_study")
-    if st:
-        df = pd.DataFrame.from_dict({k: {"network passes": r["network_passes"], "classifier-FID": r["fid"],
-                                         "precision": r["precision"], "recall": r["recall"],
-                                         "ms per image": 1000 * r["seconds_per_image"]}
-                                     for k, r in st["samplers"].items()}, orient="index")
-        lines += ["## DDPM samplers from the same weights", "",
-                  f"{st['n']} samples per sampler at batch {st['batch']}, from the EMA weights of the run's DDPM.", "",
-                  markdown_table(df), "", "![sampler study](sampler_study.png)", ""]
-    sw = results.get("sweeps")
-    if sw:
-        df = pd.DataFrame.from_dict({f"{r['model'].upper()} {r['field']} = {r['value']}"
-                                     + (" (the run's)" if r["is_setting"] else ""):
-                                     {"classifier-FID": r["fid"], "training s": r["train_seconds"],
-                                      "parameters": r["parameters"]} for r in sw["rows"]}, orient="index")
-        lines += ["## Latent-size and width sweeps", "",
-                  f"Each setting trained from seed {results['config']['seed']} for {sw['steps']} optimizer steps "
-                  f"(batch 128); classifier-FID of {sw['n']} samples.", "",
-                  markdown_table(df), "",
-                  "![sweeps](sweeps.png)", ""]
-    ref = results.get("reference_ddpm")
-    if ref:
-        o = ref["ours"]
-        df = pd.DataFrame.from_dict({
-            "this notebook's U-Net": {"parameters": o["parameters"], "s per step": o["seconds_per_step"],
-                                      "steps": o["steps"], "training s": o["train_seconds"],
-                                      "classifier-FID": o["fid"]},
-            "slower public design": {"parameters": ref["parameters"], "s per step": ref["seconds_per_step"],
-                                     "steps": ref["steps"], "training s": ref["train_seconds"],
-                                     "classifier-FID": ref["fid"]}}, orient="index")
-        lines += ["## The slower DDPM design at equal training time", "",
-                  f"Both trained on this machine for the same wall time with the same mixed precision; classifier-FID "
-                  f"of {ref['protocol']} samples from the same starting noise (ours with its EMA weights, as "
-                  "sampled).", "",
-                  markdown_table(df), "", "![slower design](reference_ddpm.png)", ""]
-    return lines
+def study_markdown(heading: str, intro: str, table: pd.DataFrame, figure: str) -> list:
+    """A study's section of the report: its heading, what was done, its table and its figure."""
+    return [f"## {heading}", "", intro, "", markdown_table(table), "", f"![{heading}]({figure})", ""]
 
 
-def report_markdown(results: dict, table: pd.DataFrame) -> str:
+def report_figures(results: dict) -> list:
+    """(file, caption) of every figure the report shows, in order; a figure the run did not draw is skipped."""
+    figures = [("comparison.png", "Ten samples from each model")]
+    figures += [(MODELS[n].figure(n), f"{title(n)}: each row asks for one class")
+                for n in results["models"] if MODELS[n].conditional]
+    figures += [("scores_3d.png", "Clarity, stability and controllability; efficiency as colour and size"),
+                ("scores_radar.png", "The four scores"), ("epoch_fid.png", "Classifier-FID after every epoch"),
+                ("controllability.png", "Per-digit success of one attempt; confusion matrices"),
+                ("loss_curves.png", "Training losses"),
+                ("annotated_samples.png", "Samples with the evaluator's predicted digit and confidence")]
+    for n in results["models"]:
+        figures += [(f"{n}_latent_3d.png", f"{title(n)} latent space (3 principal components)"),
+                    (f"{n}_reconstructions.png", f"{title(n)} reconstructions and latent interpolations"),
+                    (f"{n}_samples_ancestral.png", f"{title(n)} with the {results['config']['ddpm_T']}-step ancestral sampler")]
+    return figures
+
+
+def report_markdown(results: dict, table: pd.DataFrame, out: Path) -> str:
     cfg, env = results["config"], results["environment"]
-    scores = pd.DataFrame(results["scores"]).T
-    out = Path(cfg["out"])
+    scores = pd.DataFrame(results["scores"]).T.rename(index=title)
     lines = [
-        f"# {', '.join(n.upper() for n in results['models'])} on {DATASETS[cfg['dataset']]['title']}: "
+        f"# {', '.join(title(n) for n in results['models'])} on {DATASETS[cfg['dataset']]['title']}: "
         "measured comparison", "",
         f"Generated by `mnist_generative_models_complete.py` from the numbers of this run: profile "
         f"`{cfg['profile']}`, seed {cfg['seed']}, {env['device']}" + (f" ({env['gpu']})" if "gpu" in env else "")
@@ -2549,173 +2720,289 @@ def report_markdown(results: dict, table: pd.DataFrame) -> str:
            "per-epoch FIDs are that run's)" if cfg["pretrained"] else "")
         + (" (with --resume: each model continued from its checkpoint, and a finished one was only loaded; "
            "training times and per-epoch FIDs include the epochs of the run that wrote it)" if cfg["resume"] else "")
-        + ". Epochs: "
-        + ", ".join(f"{n.upper()} {m['epochs']}" for n, m in results["models"].items()) + ".", "",
+        + ". Epochs: " + ", ".join(f"{title(n)} {m['epochs']}" for n, m in results["models"].items())
+        + f". Code commit: {env.get('code_commit', 'unknown')}.", "",
         f"The evaluator behind every metric is a CNN trained in the run: test accuracy "
         f"{100 * results['evaluator']['test_accuracy']:.2f}%. Classifier-FID uses its features, so it is "
         "not comparable with published (Inception) FIDs.", "",
         "## Scores (0 = worst, 1 = best)", "", markdown_table(scores), "",
         *[f"* **{axis}**: {formula}" for axis, formula in SCORE_FORMULAS.items()], "",
         "## Measured numbers", "", "Raw numbers, one column per model (names as in `metrics.csv`).", "",
-        markdown_table(table.T), "",
-        "## Analysis", "",
-        "**Clarity.** " + clarity_text(results), "",
-        "**Controllability.** " + control_text(results), "",
-        "**Efficiency.** " + efficiency_text(results), "",
-        "**Stability.** " + stability_text(results), "",
-        *studies_markdown(results),
-        "## Figures", ""]
-    for name, caption in REPORT_FIGURES:
+        markdown_table(table.T.rename(columns=title)), "",
+        "## Analysis", ""]
+    for axis, text in ANALYSIS:
+        lines += [f"**{axis}.** " + text(results), ""]
+    for key, section in STUDY_SECTIONS.items():
+        if results.get(key):
+            lines += globals()[section](results)
+    lines += ["## Figures", ""]
+    for name, caption in report_figures(results):
         if (out / name).is_file():
             lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]
-    missing = [f"{n.upper()}: peak memory (no CUDA and no /proc on this platform)"
+    missing = [f"{title(n)}: peak memory (no CUDA and no /proc on this platform)"
                for n, m in results["models"].items() if m["peak_memory_mb"] is None]
-    missing += [f"{n.upper()}: every metric; training stopped: {why}" for n, why in results["failed"].items()]
+    missing += [f"{title(n)}: per-epoch FID (its checkpoint predates the per-epoch samples)"
+                for n, m in results["models"].items() if not m["epoch_fid"]]
+    missing += [f"{title(n)}: every metric; training stopped: {why}" for n, why in results["failed"].items()]
     if missing:
         lines += ["## Not measured", "", *[f"* {x}" for x in missing], ""]
     return "\n".join(lines)
 
 
+def write_results(ctx: Run):
+    """results.json, metrics.csv, metrics.json and REPORT.md from the results so far."""
+    results = ctx.results
+    results["total_seconds"] = time.perf_counter() - ctx.started
+    results["histories"] = {n: ctx.models[n].history.as_dict() for n in results["models"]}
+    table = metrics_table(results)
+    write_json(ctx.out / "results.json", results)
+    write_metrics(results, table, ctx.out)
+    write_text(ctx.out / "REPORT.md", report_markdown(results, table, ctx.out))
+    print("\n\n".join(f"{axis}: {text(results)}" for axis, text in ANALYSIS))
+    print(f"\nwritten: {ctx.out / 'REPORT.md'}, metrics.csv, metrics.json, results.json")
+
+
+@stage
+def report_section(ctx):
+    """Write the results files and the report, and print the analysis."""
+    if ctx.results["models"]:
+        write_results(ctx)
+    elif ctx.results["failed"]:
+        write_json(ctx.out / "results.json", ctx.results)
+        raise RuntimeError("every model failed: " + "; ".join(ctx.results["failed"].values()))
+
+
 # %% [markdown]
-# ## 13. DDPM design study (optional: `--ddpm-study-steps 2800`)
+# ## 13. Assignment checklist
 #
-# Which of the DDPM choices of section 6 make it learn faster? Each variant below is
-# trained from the same seed for the same number of optimizer steps (2,800 in our run,
-# the `cpu` profile's budget), and every 400 steps we draw 1,000 DDIM-50 samples and measure
-# their classifier-FID. The time per step is the same for all variants (the EMA update
-# costs under 1% of a CPU step), so *equal steps* is *equal CPU time*. The figure `ddpm_design.png`
-# shows FID against steps; the table goes to `results.json`.
+# Each item of `assignment_requirements.txt` is checked against the live configuration, the trained
+# models and the files this run wrote. The last cell of the notebook raises an error that lists any miss.
 
 # %%
-DESIGN_VARIANTS = {
-    "common DDPM defaults: lr 2e-4, plain MSE, no EMA": dict(ddpm_lr=2e-4, ddpm_warmup=1, ddpm_ema=0.0, ddpm_min_snr=0.0),
-    "lr 1e-3 + warm-up": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.0, ddpm_min_snr=0.0),
-    "lr 1e-3 + warm-up + EMA": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.999, ddpm_min_snr=0.0),
-    "lr 1e-3 + warm-up + EMA + min-SNR-5": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.999, ddpm_min_snr=5.0),
-}
+def checklist(cfg: Config, results: dict) -> list:
+    """[(item, ok, evidence)]: the assignment's eight items, verified."""
+    out = Path(cfg.out)
+    ran = list(results["models"])
+    items = []
+
+    def check(item, ok, evidence):
+        items.append((item, bool(ok), evidence))
+
+    train_images, _ = load_mnist(cfg.data_root, train=True, dataset=cfg.dataset)
+    check(f"1 data: {DATASETS[cfg.dataset]['title']} 28x28 grayscale via torchvision",
+          tuple(train_images.shape[1:]) == (28, 28)
+          and train_images.dtype == torch.uint8, f"train images {tuple(train_images.shape)} uint8")
+    for name in ran:  # items 2-5: each model's own facts, checked by its trainer class
+        found = globals()[MODELS[name].trainer].assignment(name, cfg, results["models"][name], out)
+        if found:
+            check(*found)
+    check("6 batch 128, Adam, seed 42", cfg.batch_size == 128 and cfg.seed == 42,
+          f"batch {cfg.batch_size}, seed {cfg.seed}, epochs {cfg.epochs}")
+    wanted = [MODELS[m].figure(m) for m in ran] + ["comparison.png"]
+    missing = [f for f in wanted if not (out / f).is_file()]
+    shapes = {}
+    for m in ran:
+        with np.load(out / "samples" / f"{m}.npz") as data:
+            shapes[m] = data["images"].shape
+    check("7 outputs: 10 samples each, cGAN 10x10 grid, comparison figure",
+          not missing and all(s[0] >= 10 and s[1:] == (28, 28) for s in shapes.values()),
+          f"missing {missing}" if missing else f"{len(wanted)} figures; samples {shapes}")
+    axes = ["clarity", "control", "efficiency", "stability"]
+    analysis, scores = results.get("analysis", {}), results.get("scores", {})
+    written = [f for f in ("REPORT.md", "metrics.csv", "metrics.json") if (out / f).is_file()]
+    check("8 analysis: clarity, controllability, efficiency, stability, measured and scored 0-1",
+          all(m in analysis and m in scores for m in ran) and len(written) == 3
+          and all(0 <= scores[m][a] <= 1 for m in ran for a in axes)
+          and all(any(k.startswith(a) and np.isfinite(v) for k, v in analysis[m].items()) for m in ran for a in axes),
+          f"scores and table rows for {', '.join(scores)}; wrote {', '.join(written)}")
+    for name, why in results.get("failed", {}).items():
+        check(f"{name} trained to the end", False, why)
+    not_run = [m for m, spec in MODELS.items() if spec.default and m not in ran and m not in results.get("failed", {})]
+    if not_run:
+        print(f"not checked (models not run): {', '.join(not_run)}")
+    return items
 
 
-def ddpm_design_study(cfg: Config, train, ref_feats, evaluator, device, out: Path, evals: int = 7) -> dict:
-    """Train each DESIGN_VARIANTS entry for cfg.ddpm_study_steps steps; classifier-FID every steps/evals.
-    ref_feats: the evaluator's features of the real test digits (from `evaluate`)."""
-    steps_per_eval = max(1, cfg.ddpm_study_steps // evals)
-    n_eval = min(1000, len(ref_feats))
-    curves, rows = {}, {}
-    for label, overrides in DESIGN_VARIANTS.items():
-        vcfg = dataclasses.replace(cfg, **overrides, epochs={**cfg.epochs, "ddpm": evals},
-                                   max_batches=steps_per_eval)
-        points = []
+def check_assignment(ctx: Run):
+    ctx.results["checklist"] = items = checklist(ctx.cfg, ctx.results)
+    for item, ok, evidence in items:
+        print(f"[{'x' if ok else ' '}] {item}  -- {evidence}")
+    misses = [item for item, ok, _ in items if not ok]
+    print("assignment checklist: " + ("missed " + "; ".join(misses) if misses else "all items met"))
 
-        def measure(nets, steps_done):
-            net, _, sched = nets
-            gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-            with autocast(vcfg, device):
-                x = sample_ddim(net, sched, n_eval, gen, device, 50, progress=False)
-            points.append((steps_done, frechet_distance(features(evaluator, to_uint8(x, True)), ref_feats)))
 
-        seed_everything(cfg.seed)
-        _, hist = fit(DDPMTrainer(vcfg, device), train, vcfg, evals, after_epoch=measure)
-        curves[label] = points
-        rows[label] = {"steps": points[-1][0], "final_fid": points[-1][1],
-                       "seconds_per_step": hist.seconds / points[-1][0]}
-        print(f"design study: {label}: FID {points[-1][1]:.2f} after {points[-1][0]} steps")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, points in curves.items():
-        ax.plot(*zip(*points), "o-", label=label)
-    ax.set_xlabel("optimizer steps (batch 128)")
-    ax.set_ylabel("classifier-FID of 1000 DDIM-50 samples (lower is better)")
-    ax.set_yscale("log")
-    ax.set_title(f"DDPM design study ({device.type}, width {cfg.ddpm_width})")
-    ax.legend(fontsize=7)
-    show(fig, out / "ddpm_design.png")
-    return {"curves": curves, "summary": rows, "device": str(device)}
+@stage
+def checklist_section(ctx):
+    """Check the assignment's items against this run (the verdict comes in the last cell)."""
+    if ctx.results["models"] or ctx.results["failed"]:
+        check_assignment(ctx)
 
 
 # %% [markdown]
-# ## 13b. Studies of the extra models (opt in)
+# # Part C: appendix (opt in)
 #
-# * **Guidance** (whenever `cddpm` is trained): the same noise sampled at guidance weights
-#   $w$ = 0, 1, 3 (and the configured one); for each, the share of samples the evaluator sees as the
-#   asked class, the classifier-FID, and the time per image (guided steps cost two passes).
-# * **Samplers** (`--sampler-study`): from the same EMA weights of the DDPM, `n_samples` images with
-#   the paper's 1000-step ancestral sampler and with DDIM at 100, 50, 20 and 10 steps: classifier-FID,
-#   precision, recall and time per image. How much quality does each skipped step cost?
-# * **Sweeps** (`--sweep-steps N`): the VAE and the GAN trained again for N optimizer steps each, with
-#   latent size 5, 10, 50, 100 (the VAE's $z$, the GAN's noise) and base width 32, 64, 128, 256 (channels
-#   at 14×14; section 3 and 4), everything else at its setting; classifier-FID of `n_samples` samples
-#   and training time against each setting. Equal steps, not equal time: a wider net costs more per step.
+# Nothing here runs unless a setting asks for it: the models with `--models vae,gan,cgan,ddpm,wgan,cddpm`
+# (or the settings cell's `models`), the studies with their own switches. The last cell measures and
+# reports again with whatever the appendix added, so that `REPORT.md` and the figures cover it too.
 #
-# What our `cpu` run found (`outputs/cpu-run-extras/`, numbers in its REPORT.md): guidance took the
-# cDDPM's conditional accuracy from 80% ($w$ = 0) to 98.7% ($w$ = 1, also the best FID) and 99.7%
-# ($w$ = 3, but a tripled FID: every digit drawn in one typical shape). DDIM lost little from 100
-# to 50 steps and 20% of its FID at 10 steps, yet the 1000-step ancestral sampler beat every DDIM
-# path clearly (FID 163 against 254 at 50 steps) for 20 times the time. A likely reason: on a briefly
-# trained network, the fresh noise of each ancestral step washes out errors that the deterministic
-# DDIM path carries to the end.
+# ## C1. Wasserstein GAN with gradient penalty (WGAN-GP; `--models ...,wgan`)
+#
+# The GAN's discriminator answers "real or fake?"; when the two distributions barely overlap its
+# answer saturates and $G$'s gradient carries little information. WGAN replaces it with a **critic**
+# $C$ that outputs an unbounded score and estimates the Wasserstein-1 distance (the earth mover's
+# distance) between real and generated images:
+#
+# $$W(P_r, P_g) \approx \max_{\lVert C\rVert_L \le 1} \; \mathbb E_{x\sim P_r}[C(x)] - \mathbb E_{z}[C(G(z))].$$
+#
+# The maximum is over 1-Lipschitz functions. Gulrajani et al. (2017) enforce that softly with a
+# **gradient penalty** on random points between real and fake images,
+# $\hat x = \epsilon x + (1-\epsilon)\tilde x$, $\epsilon \sim U(0, 1)$:
+#
+# $$\mathcal L_C = \mathbb E[C(\tilde x)] - \mathbb E[C(x)] + \lambda\,\mathbb E\big[(\lVert\nabla_{\hat x} C(\hat x)\rVert_2 - 1)^2\big],
+#   \qquad \mathcal L_G = -\mathbb E[C(G(z))],$$
+#
+# with $\lambda = 10$. The penalty is per image, so the critic is the GAN's discriminator without batch
+# norm (which would mix the images of a batch). The critic must be near its optimum for $W$ to be a
+# good estimate, so it takes `wgan_n_critic` = 5 steps (batches) per generator step, with Adam at
+# $10^{-4}$, $\beta = (0, 0.9)$. The report lists the per-epoch mean of
+# $\hat W = \mathbb E[C(x)] - \mathbb E[C(\tilde x)]$: unlike the GAN's losses it should fall as the samples improve.
+
+# %%
+def gradient_penalty(critic, real, fake, gen: torch.Generator | None = None):
+    """E[(||grad_x_hat C(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) x_tilde, eps ~ U(0, 1) per image."""
+    eps = torch.rand(len(real), 1, 1, 1, generator=gen, device=real.device)
+    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    scores = critic(x_hat).float()
+    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)  # create_graph: the penalty is trained
+    return (grad.float().flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+
+
+def critic_loss(real_scores, fake_scores, penalty, gp_weight: float):
+    """L_C = E[C(x_tilde)] - E[C(x)] + lambda * GP; the critic minimises it."""
+    return fake_scores.float().mean() - real_scores.float().mean() + gp_weight * penalty
+
+
+def wgan_g_loss(fake_scores):
+    """L_G = -E[C(G(z))]: the generator raises the critic's score of its samples."""
+    return -fake_scores.float().mean()
+
+
+class Counter:
+    """A count (and the last generator loss, a tensor so that no step waits for the GPU) that a
+    checkpoint saves and restores."""
+
+    def __init__(self):
+        self.n, self.last = 0, 0.0
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "last": float(self.last)}
+
+    def load_state_dict(self, state: dict):
+        self.n, self.last = state["n"], state["last"]
+
+
+class WGANTrainer:
+    """WGAN-GP: the generator G, the critic C (no batch norm), Adam(1e-4, betas 0 and 0.9) for both.
+    Every batch is one critic step; every wgan_n_critic-th batch also takes one generator step.
+    Logged per batch: W (the critic's Wasserstein estimate), the critic loss, the penalty, and
+    the latest generator loss."""
+    losses, fmt, signed, uses_sampler = ("W", "critic", "GP", "G"), ".2f", True, False
+
+    def __init__(self, name: str, cfg: Config, device):
+        self.name, self.cfg, self.device = name, cfg, device
+        self.G = prepare(Generator(cfg.gan_noise, 0, cfg.gan_width), cfg, device)
+        self.C = prepare(Discriminator(0, cfg.gan_width, batch_norm=False), cfg, device)
+        self.opt_g = adam(self.G.parameters(), cfg.wgan_lr, device, (0.0, 0.9))
+        self.opt_c = adam(self.C.parameters(), cfg.wgan_lr, device, (0.0, 0.9))
+        self.scaler_g, self.scaler_c = LossScaler(cfg, device), LossScaler(cfg, device)
+        self.critic_steps = Counter()
+        self.modules = (self.G, self.C)
+        self.parts = {"generator": self.G, "critic": self.C, "opt_g": self.opt_g, "opt_c": self.opt_c,
+                      "scaler_g": self.scaler_g, "scaler_c": self.scaler_c, "critic_steps": self.critic_steps}
+        maybe_compile(cfg, *self.modules)
+
+    def step(self, xb, yb) -> dict:
+        G, C = self.G, self.C
+        x = to_signed(xb)
+        z = torch.randn(len(x), self.cfg.gan_noise, device=self.device)
+        with autocast(self.cfg, self.device):
+            with torch.no_grad():
+                fake = G(z)  # x_tilde; the critic step does not train G
+            real_scores, fake_scores = C(x), C(fake)
+            penalty = gradient_penalty(C, x, fake)
+            loss_c = critic_loss(real_scores, fake_scores, penalty, self.cfg.wgan_gp)
+        self.scaler_c.backward_step(loss_c, self.opt_c)
+        w_estimate = real_scores.float().mean() - fake_scores.float().mean()  # W^ = E[C(x)] - E[C(x_tilde)]
+        self.critic_steps.n += 1
+        if self.critic_steps.n % self.cfg.wgan_n_critic == 0:  # the generator step
+            z = torch.randn(len(x), self.cfg.gan_noise, device=self.device)
+            with autocast(self.cfg, self.device):
+                loss_g = wgan_g_loss(C(G(z)))
+            self.scaler_g.backward_step(loss_g, self.opt_g)
+            self.critic_steps.last = loss_g.detach()
+        return {"W": w_estimate.detach(), "critic": loss_c.detach(), "GP": penalty.detach(),
+                "G": torch.as_tensor(self.critic_steps.last, device=self.device)}
+
+    def sample(self, n, gen, labels=None, sampler=None, progress=False):
+        return self.G(torch.randn(n, self.cfg.gan_noise, generator=gen, device=self.device))
+
+    def sampler_note(self, sampler) -> str:
+        return "one generator pass"
+
+    @staticmethod
+    def assignment(name: str, cfg: Config, entry: dict, out: Path):
+        return None  # not one of the assignment's models
+
+
+# %%
+@stage
+def wgan_section(ctx):
+    """Train WGAN-GP when asked for (or resume / load it), export its samples, show its losses and samples."""
+    train_section(ctx, "wgan")
+
+
+# %% [markdown]
+# ## C2. Class-conditional DDPM with classifier-free guidance (`--models ...,cddpm`)
+#
+# The same U-Net, given the label too: $\varepsilon_\theta(x_t, t, y)$, with a learned embedding of
+# $y$ added to the time embedding. During training the label is replaced by a **null label**
+# $\varnothing$ with probability $p_\text{uncond} = 0.1$, so one network learns both the conditional
+# $\varepsilon_\theta(x_t, t, y)$ and the unconditional $\varepsilon_\theta(x_t, t, \varnothing)$.
+#
+# **Classifier-free guidance** (Ho & Salimans, 2022) samples with the extrapolation
+#
+# $$\tilde\varepsilon = (1 + w)\,\varepsilon_\theta(x_t, t, y) - w\,\varepsilon_\theta(x_t, t, \varnothing),$$
+#
+# which pushes each step away from "any digit" and towards "this digit": $w = 0$ is the plain
+# conditional model, larger $w$ trades variety for obedience and typicality. Each guided step costs
+# two network passes (batched together in `predict_eps`, section 7). The code is the DDPM's:
+# `UNet(n_classes=10)` and `DDPMTrainer`, which reads `conditional=True` from the cDDPM's entry.
+#
+# **Guidance study** (whenever the cDDPM is trained): the same noise sampled at $w$ = 0, 1, 3 (and the
+# configured one); for each, the share of samples the evaluator sees as the asked class, the
+# classifier-FID, and the time per image.
 
 # %%
 GUIDANCE_WEIGHTS = (0.0, 1.0, 3.0)
-SAMPLER_STUDY = (("ancestral", 1000), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10))
-SWEEPS = {"latent": (5, 10, 50, 100), "width": (32, 64, 128, 256)}
-SWEEP_FIELDS = {("vae", "latent"): "vae_latent", ("vae", "width"): "vae_width",
-                ("gan", "latent"): "gan_noise", ("gan", "width"): "gan_width"}
 
 
-def guidance_study(nets, cfg: Config, device, evaluator, ref_feats, out: Path) -> dict:
-    """Conditional accuracy, classifier-FID and time per image of the cDDPM at each guidance weight
-    (DDIM with ddim_steps, whatever the run's sampler: four ancestral runs would cost too much)."""
-    n, dcfg = cfg.n_samples, dataclasses.replace(cfg, sampler="ddim")
+def guidance_study(ctx: Run, trained: Trained) -> dict:
+    """Conditional accuracy, classifier-FID and time per image of a conditional diffusion model at each
+    guidance weight (DDIM with ddim_steps, whatever the export sampler: four ancestral runs cost too much)."""
+    cfg, n = ctx.cfg, ctx.cfg.n_samples
     asked = balanced_labels(n)
     rows, firsts = {}, {}
-    for w in tqdm(sorted({*GUIDANCE_WEIGHTS, cfg.cddpm_guidance}), desc="guidance study", **BAR):
-        images, seconds = timed_draw("cddpm", nets, n, dcfg, device, cfg.seed + 7, labels=asked, guidance=w)
-        probs = predict(evaluator, images)
+    for w in progress_bar(sorted({*GUIDANCE_WEIGHTS, cfg.cddpm_guidance}), desc="guidance study"):
+        images, seconds = timed_draw(trained.model, n, cfg.seed + 7, Sampler("ddim", cfg.ddim_steps, w), asked)
+        probs = predict(ctx.evaluator, images)
         hits = np.diag(confusion(asked, probs))
         rows[f"{w:g}"] = {"guidance": w, "accuracy": float(hits.mean()), "per_class_accuracy": hits.tolist(),
-                          "fid": frechet_distance(features(evaluator, images), ref_feats),
+                          "fid": frechet_distance(features(ctx.evaluator, images), ctx.ref_feats),
                           "confidence": float(probs.max(1).values.mean()), "seconds_per_image": seconds}
         firsts[w] = images[:10]  # asked 0, 1, ..., 9
-        print(f"cddpm guidance {w:g}: accuracy {100 * hits.mean():.1f}%, FID {rows[f'{w:g}']['fid']:.1f}")
-    plot_guidance(rows, firsts, out / "cddpm_guidance.png", DATASETS[cfg.dataset]["classes"])
-    return {"n": n, "sampler": sampler_label("ddpm", dcfg), "weights": rows}
-
-
-def sampler_study(nets, cfg: Config, device, evaluator, ref_feats, out: Path) -> dict:
-    """Classifier-FID, precision, recall and time per image of each SAMPLER_STUDY sampler, same weights."""
-    n, rows = cfg.n_samples, {}
-    for sampler, steps in tqdm(SAMPLER_STUDY, desc="sampler study", **BAR):
-        scfg = dataclasses.replace(cfg, sampler=sampler, ddim_steps=min(steps, cfg.ddpm_T))
-        label = sampler_label("ddpm", scfg)
-        images, seconds = timed_draw("ddpm", nets, n, scfg, device, cfg.seed + 8)
-        feats = features(evaluator, images)
-        precision, recall = precision_recall(ref_feats, feats)
-        rows[label] = {"sampler": sampler, "network_passes": cfg.ddpm_T if sampler == "ancestral" else scfg.ddim_steps,
-                       "fid": frechet_distance(feats, ref_feats), "precision": precision, "recall": recall,
-                       "seconds_per_image": seconds}
-        print(f"sampler study: {label}: FID {rows[label]['fid']:.1f}, {1000 * seconds:.1f} ms/image")
-    plot_sampler_study(rows, out / "sampler_study.png", n)
-    return {"n": n, "batch": min(SAMPLE_BATCH, n), "samplers": rows}
-
-
-def sweeps(cfg: Config, train, device, evaluator, ref_feats, out: Path) -> dict:
-    """Train VAE and GAN for cfg.sweep_steps steps at every SWEEPS setting; FID, time, parameters."""
-    full = steps_per_epoch(len(train[0]), dataclasses.replace(cfg, max_batches=0))
-    epochs = math.ceil(cfg.sweep_steps / full)
-    per_epoch = math.ceil(cfg.sweep_steps / epochs)
-    rows = []
-    for (model, kind), name in SWEEP_FIELDS.items():
-        for value in SWEEPS[kind]:
-            scfg = dataclasses.replace(cfg, **{name: value}, epochs={**cfg.epochs, model: epochs},
-                                       max_batches=per_epoch, resume=False, pretrained=False)
-            print(f"sweep: {model} {name} = {value}")
-            nets, hist, parameters = train_model(model, train, scfg, device)
-            images, _ = timed_draw(model, nets, cfg.n_samples, scfg, device, cfg.seed + 1)
-            rows.append({"model": model, "sweep": kind, "field": name, "value": value,
-                         "is_setting": value == getattr(cfg, name), "steps": hist.steps,
-                         "train_seconds": hist.seconds, "parameters": parameters,
-                         "fid": frechet_distance(features(evaluator, images), ref_feats)})
-    plot_sweeps(rows, out / "sweeps.png", cfg.sweep_steps)
-    return {"steps": epochs * per_epoch, "n": cfg.n_samples, "rows": rows}
+        print(f"{trained.spec.title} guidance {w:g}: accuracy {100 * hits.mean():.1f}%, FID {rows[f'{w:g}']['fid']:.1f}")
+    ctx.arrays["guidance_firsts"] = firsts
+    return {"n": n, "sampler": f"DDIM, {cfg.ddim_steps} steps", "weights": rows}
 
 
 def plot_guidance(rows: dict, firsts: dict, path: Path, classes):
@@ -2724,7 +3011,8 @@ def plot_guidance(rows: dict, firsts: dict, path: Path, classes):
     grid = fig.add_gridspec(1, 2, width_ratios=[1, 1.6], wspace=0.55)
     ax = fig.add_subplot(grid[0])
     w = [r["guidance"] for r in rows.values()]
-    ax.plot(w, [100 * r["accuracy"] for r in rows.values()], "o-", color="tab:brown", label="asked class seen (%)")
+    ax.plot(w, [100 * r["accuracy"] for r in rows.values()], "o-", color=MODELS["cddpm"].colour,
+            label="asked class seen (%)")
     ax.set_xlabel("guidance weight w")
     ax.set_ylabel("conditional accuracy (%)")
     ax2 = ax.twinx()
@@ -2740,6 +3028,59 @@ def plot_guidance(rows: dict, firsts: dict, path: Path, classes):
     show(fig, path)
 
 
+def guidance_markdown(results: dict) -> list:
+    g = results["guidance_study"]
+    df = pd.DataFrame.from_dict({f"w = {w}": {
+        "conditional accuracy %": 100 * r["accuracy"], "classifier-FID": r["fid"],
+        "evaluator confidence": r["confidence"], "ms per image": 1000 * r["seconds_per_image"]}
+        for w, r in g["weights"].items()}, orient="index")
+    return study_markdown("cDDPM: classifier-free guidance",
+                          f"{g['n']} samples per weight ({g['sampler']}), the asked classes balanced, the same noise "
+                          "for every weight. Conditional accuracy: the share the evaluator sees as the asked class.",
+                          df, "cddpm_guidance.png")
+
+
+# %%
+@stage
+def cddpm_section(ctx):
+    """Train the cDDPM when asked for (or resume / load it), show its losses and grid, then study guidance."""
+    trained = train_section(ctx, "cddpm")
+    if trained:
+        prepare_evaluation(ctx)
+        ctx.results["guidance_study"] = guidance_study(ctx, trained)
+        plot_guidance(ctx.results["guidance_study"]["weights"], ctx.arrays["guidance_firsts"],
+                      ctx.out / "cddpm_guidance.png", DATASETS[ctx.cfg.dataset]["classes"])
+
+
+# %% [markdown]
+# ## C3. DDPM samplers from the same weights (`--sampler-study`)
+#
+# From the same EMA weights of the DDPM, `n_samples` images with the paper's 1000-step ancestral
+# sampler and with DDIM at 100, 50, 20 and 10 steps: classifier-FID, precision, recall and time per
+# image. How much quality does each skipped step cost? The answer is in the run's `REPORT.md`.
+
+# %%
+SAMPLER_STUDY = (Sampler("ancestral", 1000), Sampler("ddim", 100), Sampler("ddim", 50), Sampler("ddim", 20),
+                 Sampler("ddim", 10))
+
+
+def sampler_study(ctx: Run, trained: Trained) -> dict:
+    """Classifier-FID, precision, recall and time per image of each SAMPLER_STUDY sampler, same weights."""
+    cfg, n, rows = ctx.cfg, ctx.cfg.n_samples, {}
+    for sampler in progress_bar(SAMPLER_STUDY, desc="sampler study"):
+        sampler = dataclasses.replace(sampler, steps=min(sampler.steps, cfg.ddpm_T))
+        label = trained.model.sampler_note(sampler)
+        images, seconds = timed_draw(trained.model, n, cfg.seed + 8, sampler)
+        feats = features(ctx.evaluator, images)
+        precision, recall = precision_recall(ctx.ref_feats, feats)
+        rows[label] = {"sampler": sampler.kind,
+                       "network_passes": cfg.ddpm_T if sampler.kind == "ancestral" else sampler.steps,
+                       "fid": frechet_distance(feats, ctx.ref_feats), "precision": precision, "recall": recall,
+                       "seconds_per_image": seconds}
+        print(f"sampler study: {label}: FID {rows[label]['fid']:.1f}, {1000 * seconds:.1f} ms/image")
+    return {"n": n, "batch": min(SAMPLE_BATCH, n), "samplers": rows}
+
+
 def plot_sampler_study(rows: dict, path: Path, n: int):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (label, r) in enumerate(rows.items()):
@@ -2753,6 +3094,60 @@ def plot_sampler_study(rows: dict, path: Path, n: int):
     show(fig, path)
 
 
+def sampler_study_markdown(results: dict) -> list:
+    st = results["sampler_study"]
+    df = pd.DataFrame.from_dict({k: {"network passes": r["network_passes"], "classifier-FID": r["fid"],
+                                     "precision": r["precision"], "recall": r["recall"],
+                                     "ms per image": 1000 * r["seconds_per_image"]}
+                                 for k, r in st["samplers"].items()}, orient="index")
+    return study_markdown("DDPM samplers from the same weights",
+                          f"{st['n']} samples per sampler at batch {st['batch']}, from the EMA weights of the run's "
+                          "DDPM.", df, "sampler_study.png")
+
+
+@stage
+def sampler_study_section(ctx):
+    if ctx.cfg.sampler_study and "ddpm" in ctx.models:
+        prepare_evaluation(ctx)
+        ctx.results["sampler_study"] = sampler_study(ctx, ctx.models["ddpm"])
+        plot_sampler_study(ctx.results["sampler_study"]["samplers"], ctx.out / "sampler_study.png", ctx.cfg.n_samples)
+
+
+# %% [markdown]
+# ## C4. Latent-size and width sweeps (`--sweep-steps N`)
+#
+# The VAE and the GAN trained again for N optimizer steps each, with latent size 5, 10, 50, 100 (the
+# VAE's $z$, the GAN's noise) and base width 32, 64, 128, 256 (channels at 14×14; sections 4 and 5),
+# everything else at its setting; classifier-FID of `n_samples` samples and training time against
+# each setting. Equal steps, not equal time: a wider net costs more per step.
+
+# %%
+SWEEPS = {"latent": (5, 10, 50, 100), "width": (32, 64, 128, 256)}
+SWEEP_FIELDS = {("vae", "latent"): "vae_latent", ("vae", "width"): "vae_width",
+                ("gan", "latent"): "gan_noise", ("gan", "width"): "gan_width"}
+
+
+def sweeps(ctx: Run) -> dict:
+    """Train VAE and GAN for sweep_steps steps at every SWEEPS setting; FID, time, parameters."""
+    cfg = ctx.cfg
+    full = len(ctx.train[0]) // cfg.batch_size
+    epochs = math.ceil(cfg.sweep_steps / full)
+    per_epoch = math.ceil(cfg.sweep_steps / epochs)
+    rows = []
+    for (model, kind), name in SWEEP_FIELDS.items():
+        for value in SWEEPS[kind]:
+            scfg = dataclasses.replace(cfg, **{name: value}, epochs={**cfg.epochs, model: epochs},
+                                       max_batches=per_epoch, resume=False, pretrained=False)
+            print(f"sweep: {model} {name} = {value}")
+            trained = train_model(ctx, model, None, scfg, probes=False)
+            images, _ = timed_draw(trained.model, cfg.n_samples, cfg.seed + 1)
+            rows.append({"model": model, "sweep": kind, "field": name, "value": value,
+                         "is_setting": value == getattr(cfg, name), "steps": trained.history.steps,
+                         "train_seconds": trained.history.seconds, "parameters": trained.parameters,
+                         "fid": frechet_distance(features(ctx.evaluator, images), ctx.ref_feats)})
+    return {"steps": epochs * per_epoch, "n": cfg.n_samples, "rows": rows}
+
+
 def plot_sweeps(rows: list, path: Path, steps: int):
     """Per sweep, classifier-FID (solid) and training seconds (dashed) against the setting, per model."""
     fig, axes = plt.subplots(1, len(SWEEPS), figsize=(5.5 * len(SWEEPS), 3.8), squeeze=False)
@@ -2761,9 +3156,9 @@ def plot_sweeps(rows: list, path: Path, steps: int):
         for model in ("vae", "gan"):
             pts = [r for r in rows if r["model"] == model and r["sweep"] == kind]
             x = [r["value"] for r in pts]
-            ax.plot(x, [r["fid"] for r in pts], "o-", color=MODEL_COLOURS[model], label=f"{model.upper()} FID")
-            twin.plot(x, [r["train_seconds"] for r in pts], "s--", color=MODEL_COLOURS[model], alpha=0.6,
-                      label=f"{model.upper()} train s")
+            ax.plot(x, [r["fid"] for r in pts], "o-", color=MODELS[model].colour, label=f"{title(model)} FID")
+            twin.plot(x, [r["train_seconds"] for r in pts], "s--", color=MODELS[model].colour, alpha=0.6,
+                      label=f"{title(model)} train s")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")  # a diverged setting can score 10x the others
         ax.set_xticks(SWEEPS[kind], [str(v) for v in SWEEPS[kind]])
@@ -2775,8 +3170,146 @@ def plot_sweeps(rows: list, path: Path, steps: int):
     fig.tight_layout()
     show(fig, path)
 
+
+def sweeps_markdown(results: dict) -> list:
+    sw = results["sweeps"]
+    df = pd.DataFrame.from_dict({f"{title(r['model'])} {r['field']} = {r['value']}"
+                                 + (" (the run's)" if r["is_setting"] else ""):
+                                 {"classifier-FID": r["fid"], "training s": r["train_seconds"],
+                                  "parameters": r["parameters"]} for r in sw["rows"]}, orient="index")
+    return study_markdown("Latent-size and width sweeps",
+                          f"Each setting trained from seed {results['config']['seed']} for {sw['steps']} optimizer "
+                          f"steps (batch 128); classifier-FID of {sw['n']} samples.", df, "sweeps.png")
+
+
+@stage
+def sweeps_section(ctx):
+    if ctx.cfg.sweep_steps and not ctx.cfg.benchmark:
+        prepare_evaluation(ctx)
+        ctx.results["sweeps"] = sweeps(ctx)
+        plot_sweeps(ctx.results["sweeps"]["rows"], ctx.out / "sweeps.png", ctx.results["sweeps"]["steps"])
+
+
 # %% [markdown]
-# ### The slower design at equal training time (`--reference-ddpm`)
+# ## C5. Seeds (`--seeds N`)
+#
+# Every trained model is trained again with seeds 43, 44, ... (checkpoints and samples in
+# `seed-<n>/`), measured the same way, and the report gives the mean and spread of the headline
+# metrics over the seeds: how much of a difference between two models is luck?
+
+# %%
+SEED_KEYS = ("fid", "inception_score", "precision", "recall", "coverage")
+
+
+def seed_spread(ctx: Run) -> dict:
+    """Train every model again with seeds seed+1 ... seed+seeds-1 and collect the spread of the
+    headline metrics (the first seed's values come from the main run)."""
+    cfg, models = ctx.cfg, ctx.results["models"]
+    spread = {name: {"seeds": [cfg.seed], **{k: [models[name][k]] for k in SEED_KEYS},
+                     "control_score": [models[name]["control"]["score"]], "failed_seeds": []} for name in models}
+    for seed in range(cfg.seed + 1, cfg.seed + cfg.seeds):
+        scfg, out = dataclasses.replace(cfg, seed=seed), ctx.out / f"seed-{seed}"
+        for name in spread:
+            print(f"seed {seed}: {name}")
+            try:
+                trained = train_model(ctx, name, out / "checkpoints" / f"{name}.pt", scfg, probes=False)
+            except FloatingPointError as err:
+                spread[name]["failed_seeds"].append({"seed": seed, "reason": str(err)})
+                continue
+            export_samples(ctx, trained, out)
+            entry = sample_metrics(ctx, trained.model, trained.samples, trained.asked)
+            spread[name]["seeds"].append(seed)
+            for k in SEED_KEYS:
+                spread[name][k].append(entry[k])
+            spread[name]["control_score"].append(entry["control"]["score"])
+    for name, s in spread.items():
+        s["summary"] = {k: {"mean": float(np.mean(s[k])),
+                            "std": float(np.std(s[k], ddof=1)) if len(s[k]) > 1 else None}
+                        for k in (*SEED_KEYS, "control_score")}
+    return spread
+
+
+def seed_spread_markdown(results: dict) -> list:
+    rows = {f"{title(n)}": {f"{k} {stat}": s["summary"][k][stat] for k in ("fid", "control_score")
+                            for stat in ("mean", "std")} | {"seeds": len(s["seeds"])}
+            for n, s in results["seed_spread"].items()}
+    return ["## Seeds", "", "The headline metrics over the seeds (mean and standard deviation).", "",
+            markdown_table(pd.DataFrame.from_dict(rows, orient="index")), ""]
+
+
+@stage
+def seeds_section(ctx):
+    if ctx.cfg.seeds > 1 and ctx.models:
+        prepare_evaluation(ctx)
+        measure_section(ctx)  # the first seed's numbers, the appendix's models included
+        ctx.results["seed_spread"] = seed_spread(ctx)
+
+
+# %% [markdown]
+# ## C6. DDPM design study (`--ddpm-study-steps N`)
+#
+# Which of the DDPM choices of section 7 make it learn faster? Each variant below is trained from
+# the same seed for the same number of optimizer steps, and at seven points along the way we draw
+# 1,000 DDIM-50 samples and measure their classifier-FID. The time per step is the same for all
+# variants (the EMA update costs little next to a step), so *equal steps* is *equal time*. The
+# figure `ddpm_design.png` shows FID against steps; the committed study is `outputs/ddpm-design-study/`.
+
+# %%
+DESIGN_VARIANTS = {
+    "common DDPM defaults: lr 2e-4, plain MSE, no EMA": dict(ddpm_lr=2e-4, ddpm_warmup=1, ddpm_ema=0.0, ddpm_min_snr=0.0),
+    "lr 1e-3 + warm-up": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.0, ddpm_min_snr=0.0),
+    "lr 1e-3 + warm-up + EMA": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.999, ddpm_min_snr=0.0),
+    "lr 1e-3 + warm-up + EMA + min-SNR-5": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.999, ddpm_min_snr=5.0),
+}
+
+
+def ddpm_design_study(ctx: Run, evals: int = 7) -> dict:
+    """Train each DESIGN_VARIANTS entry for ddpm_study_steps steps; classifier-FID every steps/evals."""
+    cfg = ctx.cfg
+    steps_per_eval = max(1, cfg.ddpm_study_steps // evals)
+    n_eval = min(1000, len(ctx.ref_feats))
+    curves, rows = {}, {}
+    for label, overrides in DESIGN_VARIANTS.items():
+        vcfg = dataclasses.replace(cfg, **overrides, epochs={**cfg.epochs, "ddpm": evals}, max_batches=steps_per_eval)
+        seed_everything(cfg.seed)
+        model = build_trainer("ddpm", vcfg, ctx.device)
+        hist = fit(model, ctx.train, vcfg, evals, probe=lambda m: draw(
+            m, n_eval, torch.Generator(ctx.device).manual_seed(cfg.seed + 1), Sampler("ddim", 50)))
+        points = [((e + 1) * steps_per_eval, fid) for e, fid in enumerate(epoch_fids(ctx, hist.probes))]
+        curves[label] = points
+        rows[label] = {"steps": points[-1][0], "final_fid": points[-1][1], "seconds_per_step": hist.seconds / points[-1][0]}
+        print(f"design study: {label}: FID {points[-1][1]:.2f} after {points[-1][0]} steps")
+    return {"curves": curves, "summary": rows, "device": str(ctx.device), "width": cfg.ddpm_width}
+
+
+def plot_design_study(study: dict, path: Path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in study["curves"].items():
+        ax.plot(*zip(*points), "o-", label=label)
+    ax.set_xlabel("optimizer steps (batch 128)")
+    ax.set_ylabel("classifier-FID of 1000 DDIM-50 samples (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title(f"DDPM design study ({study['device']}, width {study['width']})")
+    ax.legend(fontsize=7)
+    show(fig, path)
+
+
+def design_study_markdown(results: dict) -> list:
+    df = pd.DataFrame.from_dict(results["ddpm_design_study"]["summary"], orient="index")
+    return study_markdown("DDPM design study", "Each variant trained from the same seed for the same steps.", df,
+                          "ddpm_design.png")
+
+
+@stage
+def design_study_section(ctx):
+    if ctx.cfg.ddpm_study_steps and not ctx.cfg.benchmark:
+        prepare_evaluation(ctx)
+        ctx.results["ddpm_design_study"] = ddpm_design_study(ctx)
+        plot_design_study(ctx.results["ddpm_design_study"], ctx.out / "ddpm_design.png")
+
+
+# %% [markdown]
+# ## C7. The slower design at equal training time (`--reference-ddpm`)
 #
 # Speed only counts if the digits do not suffer. The best-known public notebook for this
 # assignment uses a plain DDPM denoiser: three 3×3 convolutions at the full 28×28 resolution
@@ -2784,8 +3317,7 @@ def plot_sweeps(rows: list, path: Path, steps: int):
 # stride-1 transposed convolutions back with skips; plain MSE, Adam at $10^{-3}$, no EMA.
 # `PlainDenoiser` re-creates it from those layer sizes. With `--reference-ddpm` the run trains it
 # on the same data, from the same seed, with the same mixed precision, for as many **seconds** as
-# our DDPM trained, then scores it exactly as our DDPM's last per-epoch FID was scored
-# (`epoch_fid_ddpm_samples` DDIM samples with `epoch_fid_ddim_steps` steps, same noise seed).
+# our DDPM trained, then scores it exactly as our DDPM's last per-epoch FID was scored.
 
 # %%
 class PlainDenoiser(nn.Module):
@@ -2811,67 +3343,96 @@ class PlainDenoiser(nn.Module):
         return self.up[2](torch.cat([h, h1], dim=1))
 
 
-def slower_design_at_equal_time(cfg: Config, train, device, evaluator, ref_feats, ours: dict, our_nets,
-                                out: Path) -> dict:
-    """Train PlainDenoiser for ours["train_seconds"] of wall time (ours: our DDPM's results entry); its
-    classifier-FID by the protocol of our DDPM's last per-epoch FID, and ten samples of each."""
+class PlainDDPMTrainer(DDPMTrainer):
+    """The DDPM trainer with PlainDenoiser as its network (the design's plain MSE, Adam 1e-3, no EMA come
+    from the config it is given)."""
+
+    def make_net(self) -> nn.Module:
+        return PlainDenoiser()
+
+
+def slower_design_at_equal_time(ctx: Run) -> dict:
+    """Train PlainDenoiser for as long as our DDPM trained; its classifier-FID by the protocol of our
+    DDPM's last per-epoch FID, and ten samples of each."""
+    cfg, ours = ctx.cfg, ctx.results["models"]["ddpm"]
     seed_everything(cfg.seed)
-    net = prepare(PlainDenoiser(), cfg, device)
-    sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end, device)
-    opt = adam(net.parameters(), 1e-3, device)
-    scaler, noise_gen = LossScaler(cfg, device), torch.Generator(device).manual_seed(cfg.seed)
+    plain_cfg = dataclasses.replace(cfg, ddpm_lr=1e-3, ddpm_warmup=1, ddpm_ema=0.0, ddpm_min_snr=0.0)
+    model = PlainDDPMTrainer("slower design", plain_cfg, ctx.device)
     order, budget, steps = torch.Generator().manual_seed(cfg.seed), ours["train_seconds"], 0
     losses = []  # tensors: reading each back would make a GPU wait every step
-    bar = tqdm(total=round(budget), desc="slower design, seconds", **BAR)
+    bar = progress_bar(total=round(budget), desc="slower design, seconds")
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < budget:
-        for xb, _ in batches(*train, cfg, order):
-            with autocast(cfg, device):
-                loss = ddpm_loss(net, sched, to_signed(xb), noise_gen)  # plain MSE, as the design has it
-            scaler.backward_step(loss, opt)
+        for xb, yb in batches(*ctx.train, cfg, order):
+            losses.append(model.step(xb, yb)["loss"].detach())
             steps += 1
-            losses.append(loss.detach())
             bar.update(min(round(time.perf_counter() - t0), bar.total) - bar.n)  # the bar counts seconds
             if time.perf_counter() - t0 >= budget:
                 break
     bar.close()
     seconds = time.perf_counter() - t0
-    net.eval()
-    measure, protocol = epoch_fid_tracker("ddpm", cfg, device, evaluator, ref_feats)  # exactly our DDPM's protocol
-    images = epoch_fid_images("ddpm", (net, net, sched), 10, cfg, device)
-    our_images = epoch_fid_images("ddpm", our_nets, 10, cfg, device)
+    model.model.eval()
+    n = probe_size(model, cfg, len(ctx.test[0]))  # exactly our DDPM's per-epoch protocol
+    ctx.arrays["slower_design"] = {"plain": epoch_probe(model, 10), "ours": epoch_probe(ctx.models["ddpm"].model, 10)}
     result = {"train_seconds": seconds, "steps": steps, "seconds_per_step": seconds / max(1, steps),
-              "parameters": n_params(net), "final_loss": float(torch.stack(losses[-50:]).float().mean()),
-              "fid": measure((net, net, sched), steps)["epoch_fid"],
-              "n": min(cfg.epoch_fid_ddpm_samples, len(ref_feats)), "protocol": protocol,
+              "parameters": n_params(model.model), "final_loss": float(torch.stack(losses[-50:]).float().mean()),
+              "fid": epoch_fids(ctx, [epoch_probe(model, n)])[0], "n": n, "protocol": ours["epoch_fid_note"],
               "ours": {"train_seconds": ours["train_seconds"],
                        "steps": round(ours["train_images_per_second"] * ours["train_seconds"] / cfg.batch_size),
                        "seconds_per_step": cfg.batch_size / ours["train_images_per_second"],
                        "fid": ours["epoch_fid"][-1], "parameters": ours["parameters"]}}
     print(f"slower design: {steps} steps in {seconds:.0f} s ({result['seconds_per_step']:.2f} s/step), "
           f"classifier-FID {result['fid']:.1f}; ours {result['ours']['fid']:.1f} in {ours['train_seconds']:.0f} s")
-    fig, axes = plt.subplots(2, 1, figsize=(10, 3.4))
-    image_grid(axes[0], our_images, 1, 10, f"ours: {result['ours']['steps']} steps in {ours['train_seconds']:.0f} s, "
-               f"classifier-FID {result['ours']['fid']:.1f} ({result['protocol']})")
-    image_grid(axes[1], images, 1, 10, f"slower design: {steps} steps in {seconds:.0f} s, "
-               f"classifier-FID {result['fid']:.1f} (same protocol, DDIM-{cfg.epoch_fid_ddim_steps} samples)")
-    show(fig, out / "reference_ddpm.png")
     return result
 
 
+def plot_slower_design(result: dict, images: dict, ddim_steps: int, path: Path):
+    fig, axes = plt.subplots(2, 1, figsize=(10, 3.4))
+    ours = result["ours"]
+    image_grid(axes[0], images["ours"], 1, 10, f"ours: {ours['steps']} steps in {ours['train_seconds']:.0f} s, "
+               f"classifier-FID {ours['fid']:.1f} ({result['protocol']})")
+    image_grid(axes[1], images["plain"], 1, 10, f"slower design: {result['steps']} steps in "
+               f"{result['train_seconds']:.0f} s, classifier-FID {result['fid']:.1f} (same protocol, DDIM-{ddim_steps} samples)")
+    show(fig, path)
+
+
+def slower_design_markdown(results: dict) -> list:
+    ref = results["reference_ddpm"]
+    o = ref["ours"]
+    df = pd.DataFrame.from_dict({
+        "this notebook's U-Net": {"parameters": o["parameters"], "s per step": o["seconds_per_step"],
+                                  "steps": o["steps"], "training s": o["train_seconds"], "classifier-FID": o["fid"]},
+        "slower public design": {"parameters": ref["parameters"], "s per step": ref["seconds_per_step"],
+                                 "steps": ref["steps"], "training s": ref["train_seconds"],
+                                 "classifier-FID": ref["fid"]}}, orient="index")
+    return study_markdown("The slower DDPM design at equal training time",
+                          "Both trained on this machine for the same wall time with the same mixed precision; "
+                          f"classifier-FID of {ref['protocol']} samples from the same starting noise (ours with its EMA "
+                          "weights, as sampled).", df, "reference_ddpm.png")
+
+
+@stage
+def slower_design_section(ctx):
+    if ctx.cfg.reference_ddpm and "ddpm" in ctx.results["models"]:
+        ctx.results["reference_ddpm"] = slower_design_at_equal_time(ctx)
+        plot_slower_design(ctx.results["reference_ddpm"], ctx.arrays["slower_design"], ctx.cfg.epoch_fid_ddim_steps,
+                           ctx.out / "reference_ddpm.png")
+
+
 # %% [markdown]
-# ## 14. Benchmark mode (`--benchmark`)
+# ## C8. Benchmark (`--benchmark`)
 #
-# How fast is each piece, on this machine? Instead of the whole run, the benchmark times, for
-# every model and the evaluator: one training step at batch 128 (the median of repeated steps
-# after a warm-up), hence images per second and the time of an epoch; the time per generated
-# image at batch 1000 (for the DDPM both samplers: DDIM with `ddim_steps` measured whole, the
-# 1000-step ancestral sampler from timed network passes × T, since 1000 passes at batch 1000
-# take minutes on a CPU); parameters and peak memory. It also times one epoch of the data path
-# the way a plain `DataLoader` with per-sample `ToTensor` does it, beside the project's own
-# (one uint8 tensor, batches by indexing), and writes everything to `benchmark.json`.
+# How fast is each piece, on this machine? Instead of the whole run, the benchmark times, for every
+# selected model and the evaluator: one training step at batch 128 (the median of repeated steps
+# after a warm-up), hence images per second and the time of an epoch; the time per generated image
+# at batch 1000 (for a diffusion model with the export sampler measured whole, and the T-step
+# ancestral sampler from timed network passes × T, since 1000 passes at batch 1000 take minutes on a
+# CPU); parameters and peak memory. It also times one epoch of the data path the way a plain
+# `DataLoader` with per-sample `ToTensor` does it, beside this notebook's (one uint8 tensor, batches
+# by indexing), and writes everything to `benchmark.json`.
 
 # %%
+# @title The benchmark { display-mode: "form" }
 BENCH_REFERENCE = {  # the best-known public notebook's DDPM step, re-created at batch 128 on 2 CPU cores, and our targets
     "ddpm_step_seconds": 4.2, "ddpm_step_target_seconds": 0.3, "ddim50_1000_samples_target_seconds": 45.0}
 
@@ -2883,7 +3444,7 @@ def random_batch(data, cfg: Config, gen: torch.Generator):
 
 @torch.inference_mode()
 def denoiser_pass_seconds(net, n: int, cfg: Config, device, warmup: int, repeats: int) -> float:
-    """Median time of one U-Net pass at batch n: the unit cost of every DDPM sampler."""
+    """Median time of one denoiser pass at batch n: the unit cost of every diffusion sampler."""
     x = torch.randn(n, 1, 28, 28, device=device)
     t = torch.full((n,), cfg.ddpm_T // 2, device=device, dtype=torch.long)
 
@@ -2893,13 +3454,14 @@ def denoiser_pass_seconds(net, n: int, cfg: Config, device, warmup: int, repeats
     return float(np.median(time_calls(one_pass, warmup, repeats, device)))
 
 
-def data_path_seconds(cfg: Config, train, device) -> dict:
+def data_path_seconds(ctx: Run) -> dict:
     """One epoch of batches as float tensors on the device: torchvision's MNIST through a DataLoader
     with per-sample ToTensor (PIL image -> tensor), against batches() indexing one uint8 tensor."""
     import torchvision.datasets
     from torch.utils.data import DataLoader
     from torchvision import transforms
-    n_batches = steps_per_epoch(len(train[0]), cfg)
+    cfg, device = ctx.cfg, ctx.device
+    n_batches = steps_per_epoch(len(ctx.train[0]), cfg)
     dataset = getattr(torchvision.datasets, DATASETS[cfg.dataset]["torchvision"])(
         cfg.data_root, train=True, download=True, transform=transforms.ToTensor())
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
@@ -2912,7 +3474,7 @@ def data_path_seconds(cfg: Config, train, device) -> dict:
     synchronize(device)
     naive = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for xb, yb in batches(*train, cfg, torch.Generator().manual_seed(cfg.seed)):
+    for xb, yb in batches(*ctx.train, cfg, torch.Generator().manual_seed(cfg.seed)):
         x = to_unit(xb)
     synchronize(device)
     ours = time.perf_counter() - t0
@@ -2920,62 +3482,39 @@ def data_path_seconds(cfg: Config, train, device) -> dict:
             "speedup": naive / ours}
 
 
-def benchmark_model(name: str, train, cfg: Config, device, warmup: int, repeats: int) -> dict:
+def benchmark_model(ctx: Run, name: str, warmup: int, repeats: int) -> dict:
+    cfg, device = ctx.cfg, ctx.device
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = min(SAMPLE_BATCH, cfg.n_samples)
+    evaluator = name == "evaluator"
     with PeakMemory(device) as memory:
-        if name == "evaluator":
-            trainer = EvaluatorTrainer(cfg, device, 10 * (warmup + repeats), gen)
-        else:
-            trainer = make_trainer(name, cfg, device)
-        n_steps = repeats if name in DIFFUSION else 3 * repeats  # the fast models get more repeats
-        step = time_calls(lambda: trainer.step(*random_batch(train, cfg, gen)), warmup, n_steps, device)
+        trainer = EvaluatorTrainer(cfg, device, 10 * (warmup + repeats), gen) if evaluator else \
+            build_trainer(name, cfg, device)
+        sampling = not evaluator and trainer.uses_sampler
+        n_steps = repeats if sampling else 3 * repeats  # the fast models get more repeats
+        step = time_calls(lambda: trainer.step(*random_batch(ctx.train, cfg, gen)), warmup, n_steps, device)
         for module in trainer.modules:
             module.eval()
-        nets = trainer.nets()
         sample_gen = torch.Generator(device).manual_seed(cfg.seed + 1)
-        asked = balanced_labels(n) if name in CONDITIONAL else None
-        if name == "evaluator":
-            images = train[0][:n]
-            draw_once = lambda: predict(nets, images)  # noqa: E731  (classify n images)
+        if evaluator:
+            draw_once = lambda: predict(trainer.model, ctx.train[0][:n])  # noqa: E731  (classify n images)
         else:
-            draw_once = lambda: draw(name, nets, n, cfg, device, sample_gen, asked, progress=False)  # noqa: E731
-        diffusion = name in DIFFUSION
-        sample = time_calls(draw_once, 0 if diffusion else 1, 1 if diffusion else 3, device)
+            asked = balanced_labels(n) if MODELS[name].conditional else None
+            draw_once = lambda: draw(trainer, n, sample_gen, ctx.export_sampler, asked)  # noqa: E731
+        sample = time_calls(draw_once, 0 if sampling else 1, 1 if sampling else 3, device)
         row = {"parameters": n_params(*trainer.modules), "step_seconds_median": float(np.median(step)),
                "step_seconds_all": step, "sample_batch": n, "seconds_per_image": float(np.median(sample)) / n}
-        if name == "ddpm":
-            unit = denoiser_pass_seconds(nets[0], n, cfg, device, 1, max(2, repeats // 5))
+        if sampling:
+            unit = denoiser_pass_seconds(trainer.net, n, cfg, device, 1, max(2, repeats // 5))
             row.update(ddim_steps=cfg.ddim_steps, ancestral_steps=cfg.ddpm_T,
                        ancestral_seconds_per_image=unit * cfg.ddpm_T / n, denoiser_pass_seconds=unit,
-                       ancestral_note=f"{cfg.ddpm_T} x the median U-Net pass at batch {n}, not a whole run")
-    steps = steps_per_epoch(len(train[0]), dataclasses.replace(cfg, max_batches=0))
+                       ancestral_note=f"{cfg.ddpm_T} x the median denoiser pass at batch {n}, not a whole run")
+    steps = len(ctx.train[0]) // cfg.batch_size
     row.update(train_images_per_second=cfg.batch_size / row["step_seconds_median"],
                epoch_seconds_estimate=steps * row["step_seconds_median"],
                peak_memory_mb=memory.mb, peak_memory_kind=memory.kind)
     return row
-
-
-def run_benchmark(cfg: Config) -> dict:
-    device = pick_device(cfg)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    warmup, repeats = (1, 3) if cfg.profile == "smoke" else (3, 10)
-    train = tuple(t.to(device) for t in load_mnist(cfg.data_root, train=True, dataset=cfg.dataset))
-    result = {"environment": environment(cfg, device), "profile": cfg.profile, "batch_size": cfg.batch_size,
-              "warmup_steps": warmup, "models": {}}
-    for name in (*cfg.models, "evaluator"):
-        result["models"][name] = benchmark_model(name, train, cfg, device, warmup, repeats)
-        row = result["models"][name]
-        print(f"{name}: step {1000 * row['step_seconds_median']:.1f} ms, "
-              f"{row['train_images_per_second']:.0f} images/s, epoch ~{row['epoch_seconds_estimate']:.0f} s, "
-              f"{1000 * row['seconds_per_image']:.3f} ms/image at batch {row['sample_batch']}")
-    result["data_path"] = data_path_seconds(cfg, train, device)
-    if "ddpm" in result["models"]:
-        result["targets"] = benchmark_targets(result["models"]["ddpm"], cfg)
-    write_json(Path(cfg.out) / "benchmark.json", result)
-    return result
 
 
 def benchmark_targets(ddpm: dict, cfg: Config) -> dict:
@@ -2991,154 +3530,77 @@ def benchmark_targets(ddpm: dict, cfg: Config) -> dict:
         "1000_ancestral_samples_seconds": {"measured": 1000 * ddpm["ancestral_seconds_per_image"], "met": None}}
 
 
+def run_benchmark(ctx: Run) -> dict:
+    cfg = ctx.cfg
+    warmup, repeats = (1, 3) if cfg.profile == "smoke" else (3, 10)
+    result = {"environment": ctx.results["environment"], "profile": cfg.profile, "batch_size": cfg.batch_size,
+              "warmup_steps": warmup, "models": {}}
+    for name in (*cfg.models, "evaluator"):
+        result["models"][name] = row = benchmark_model(ctx, name, warmup, repeats)
+        print(f"{name}: step {1000 * row['step_seconds_median']:.1f} ms, "
+              f"{row['train_images_per_second']:.0f} images/s, epoch ~{row['epoch_seconds_estimate']:.0f} s, "
+              f"{1000 * row['seconds_per_image']:.3f} ms/image at batch {row['sample_batch']}")
+    result["data_path"] = data_path_seconds(ctx)
+    if "ddpm" in result["models"]:
+        result["targets"] = benchmark_targets(result["models"]["ddpm"], cfg)
+    write_json(ctx.out / "benchmark.json", result)
+    return result
+
+
 def benchmark_table(result: dict) -> pd.DataFrame:
     rows = {}
     for name, r in result["models"].items():
         rows[name] = {"parameters": r["parameters"], "step ms (batch 128)": 1000 * r["step_seconds_median"],
                       "images/s": r["train_images_per_second"], "epoch s (est.)": r["epoch_seconds_estimate"],
                       f"ms/image (batch {r['sample_batch']})": 1000 * r["seconds_per_image"],
-                      "ancestral ms/image": 1000 * r["ancestral_seconds_per_image"] if name == "ddpm" else float("nan"),
+                      "ancestral ms/image": 1000 * r.get("ancestral_seconds_per_image", float("nan")),
                       "peak memory MB": r["peak_memory_mb"]}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-# %% [markdown]
-# ## 15. Run it
-#
-# In a notebook this cell runs everything with the settings from the environment
-# (`MNIST_GEN_PROFILE`, `MNIST_GEN_DATA_ROOT`, ...). As a script it reads the flags.
-# With `benchmark` on (`--benchmark`, `MNIST_GEN_BENCHMARK=1`) it runs section 14 instead.
-
-# %%
-RUN = __name__ == "__main__"
-
-if RUN:
-    try:
-        cfg = make_config(sys.argv[1:] if not IN_KERNEL else None)
-    except SetupError as err:
-        if IN_KERNEL:
-            raise
-        sys.exit(f"error: {err}")
-    asked_profile = os.environ.get("MNIST_GEN_PROFILE") or any(
-        a.startswith("--profile") for a in sys.argv[1:] if not IN_KERNEL)
-    if not asked_profile and cfg.profile == "cpu" and not cfg.benchmark:
-        print("No CUDA GPU: running the 'cpu' profile (about 30 minutes on 2 cores). "
-              "For the assignment's 30 epochs use --profile full (or MNIST_GEN_PROFILE=full).")
-    try:
-        use_drive(cfg)
-        print(json.dumps(dataclasses.asdict(cfg)))
-        results = run_benchmark(cfg) if cfg.benchmark else run(cfg)
-    except SetupError as err:
-        if IN_KERNEL:
-            raise
-        sys.exit(f"error: {err}")
-
-if RUN and cfg.benchmark:
-    print(benchmark_table(results).to_string(float_format=lambda v: f"{v:.4g}"))
-    data = results["data_path"]
+@stage
+def benchmark_section(ctx):
+    """With --benchmark (instead of the run): time every selected model and the evaluator."""
+    if not ctx.cfg.benchmark:
+        return
+    result = run_benchmark(ctx)
+    print(benchmark_table(result).to_string(float_format=lambda v: f"{v:.4g}"))
+    data = result["data_path"]
     print(f"data path, {data['batches']} batches: DataLoader + ToTensor {data['naive_dataloader_seconds']:.2f} s, "
           f"this notebook's {data['project_seconds']:.3f} s ({data['speedup']:.0f}x)")
-    for target, value in results.get("targets", {}).items():
+    for target, value in result.get("targets", {}).items():
         verdict = {True: "met", False: "MISSED", None: "(no target)"}[value["met"]]
         print(f"{target}: {value['measured']:.3g} {verdict}")
-    print(f"written: {Path(cfg.out) / 'benchmark.json'}")
-elif RUN:
-    table = metrics_table(results)
-    analysis = "\n\n".join(f"{axis}: {text(results)}" for axis, text in (
-        ("Clarity", clarity_text), ("Controllability", control_text),
-        ("Efficiency", efficiency_text), ("Stability", stability_text)))
-    print("scores (0-1):")
-    print(pd.DataFrame(results["scores"]).T.to_string(float_format=lambda v: f"{v:.3f}"))
-    for axis, formula in SCORE_FORMULAS.items():
-        print(f"  {axis} = {formula}")
-    print(table.T.to_string(float_format=lambda v: f"{v:.4g}"))  # one column per model
-    print()
-    print(analysis)
-    print(f"\nwritten: {Path(cfg.out) / 'REPORT.md'}, metrics.csv, metrics.json, results.json")
+    print(f"written: {ctx.out / 'benchmark.json'}")
+
 
 # %% [markdown]
-# ## 16. Assignment checklist
+# ## C9. The comparison with the appendix, and the verdict
 #
-# Each item is checked against the live configuration, the trained models and the files
-# this run wrote. A miss raises an error that lists it.
+# When the appendix trained a model or ran a study, Part B runs again over everything: measurements,
+# scores, figures, report and checklist. Then the run's verdict: an error that lists any missed
+# checklist item.
 
 # %%
-def checklist(cfg: Config, results: dict) -> list:
-    """[(item, ok, evidence)]: the assignment's eight items, verified."""
-    out = Path(cfg.out)
-    ran = set(results["models"])
-    items = []
-
-    def check(item, ok, evidence):
-        items.append((item, bool(ok), evidence))
-
-    def npz(name):
-        return np.load(out / "samples" / f"{name}.npz")
-
-    train_images, _ = load_mnist(cfg.data_root, train=True, dataset=cfg.dataset)
-    check(f"1 data: {DATASETS[cfg.dataset]['title']} 28x28 grayscale via torchvision",
-          tuple(train_images.shape[1:]) == (28, 28)
-          and train_images.dtype == torch.uint8, f"train images {tuple(train_images.shape)} uint8")
-    if "vae" in ran:
-        vae = VAE(cfg.vae_latent)
-        mu, logvar = vae.encode(torch.zeros(2, 1, 28, 28))
-        check("2 VAE: flattening encoder -> mu, log sigma^2; decoder -> 28x28; BCE + KL; Adam 1e-3",
-              vae.encoder[0].__class__ is nn.Flatten and vae.encoder[1].in_features == 784
-              and mu.shape == logvar.shape == (2, cfg.vae_latent)
-              and vae.decode_logits(mu).shape == (2, 1, 28, 28) and cfg.vae_lr == 1e-3,
-              f"latent {cfg.vae_latent}, lr {cfg.vae_lr}")
-    if "gan" in ran:
-        G = Generator(cfg.gan_noise)
-        check("3 GAN: 100-d noise -> 28x28; discriminator real/fake; BCE; Adam 2e-4",
-              cfg.gan_noise == 100 and G(torch.zeros(2, 100)).shape == (2, 1, 28, 28)
-              and Discriminator()(torch.zeros(2, 1, 28, 28)).shape == (2,) and cfg.gan_lr == 2e-4,
-              f"noise {cfg.gan_noise}, lr {cfg.gan_lr}")
-    if "cgan" in ran:
-        data = npz("cgan")
-        counts = np.bincount(data["labels"], minlength=10)
-        check("4 cGAN: noise + one-hot label; D sees image + label; real target 0.9; Adam 2e-4",
-              Generator(cfg.gan_noise, 10).net[0].in_features == cfg.gan_noise + 10
-              and Discriminator(10).net[0].in_channels == 11 and cfg.cgan_real_target == 0.9
-              and cfg.gan_lr == 2e-4 and counts.max() - counts.min() <= 1,
-              f"real target {cfg.cgan_real_target}, labels per digit {counts.min()}-{counts.max()}")
-    if "ddpm" in ran:
-        sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end)
-        check("5 diffusion: Gaussian forward process, U-Net reverse, MSE on noise",
-              float(sched.alpha_bar[-1]) < 1e-3 and isinstance(UNet(cfg.ddpm_width), UNet)
-              and results["models"]["ddpm"]["final_epoch_loss"]["loss"] > 0,
-              f"T={cfg.ddpm_T}, alpha_bar_T={float(sched.alpha_bar[-1]):.1e}, "
-              f"sampler {results['models']['ddpm']['sampler']}")
-    check("6 batch 128, Adam, seed 42", cfg.batch_size == 128 and cfg.seed == 42,
-          f"batch {cfg.batch_size}, seed {cfg.seed}, epochs {cfg.epochs}")
-    figures = {"vae": "vae_samples.png", "gan": "gan_samples.png", "cgan": "cgan_grid.png",
-               "ddpm": "ddpm_samples.png", "wgan": "wgan_samples.png", "cddpm": "cddpm_grid.png"}
-    wanted = [figures[m] for m in ran] + ["comparison.png"]
-    missing = [f for f in wanted if not (out / f).is_file()]
-    shapes = {m: npz(m)["images"].shape for m in ran}
-    check("7 outputs: 10 samples each, cGAN 10x10 grid, comparison figure",
-          not missing and all(s[0] >= 10 and s[1:] == (28, 28) for s in shapes.values()),
-          f"missing {missing}" if missing else f"{len(wanted)} figures; samples {shapes}")
-    axes = ["clarity", "control", "efficiency", "stability"]
-    analysis, scores = results.get("analysis", {}), results.get("scores", {})
-    written = [f for f in ("REPORT.md", "metrics.csv", "metrics.json") if (out / f).is_file()]
-    check("8 analysis: clarity, controllability, efficiency, stability, measured and scored 0-1",
-          all(m in analysis and m in scores for m in ran) and len(written) == 3
-          and all(0 <= scores[m][a] <= 1 for m in ran for a in axes)
-          and all(any(k.startswith(a) and np.isfinite(v) for k, v in analysis[m].items()) for m in ran for a in axes),
-          f"scores and table rows for {', '.join(scores)}; wrote {', '.join(written)}")
-    for name, why in results.get("failed", {}).items():
-        check(f"{name} trained to the end", False, why)
-    not_run = [m for m in DEFAULT_MODELS if m not in ran and m not in results.get("failed", {})]
-    if not_run:
-        print(f"not checked (models not run): {', '.join(not_run)}")
-    return items
+@stage
+def appendix_comparison(ctx):
+    """Measure, score, draw, report and check again, with what the appendix added."""
+    added = [n for n in ctx.models if n not in ctx.results["models"]]
+    studies = [key for key in STUDY_SECTIONS if ctx.results.get(key)]
+    if not (added or studies):
+        return
+    print("the comparison again, with " + ", ".join([title(n) for n in added] + studies))
+    prepare_evaluation(ctx)
+    for part in (measure_section, scores_section, figures_section, report_section, checklist_section):
+        part(ctx)
 
 
-if RUN and not cfg.benchmark:
-    items = checklist(cfg, results)
-    for item, ok, evidence in items:
-        print(f"[{'x' if ok else ' '}] {item}  -- {evidence}")
-    misses = [item for item, ok, _ in items if not ok]
+@stage
+def verdict(ctx):
+    """The run's end: its wall time, and an error if the checklist missed an item."""
+    if ctx.cfg.benchmark:
+        return
+    print(f"run finished in {(time.perf_counter() - ctx.started) / 60:.1f} min")
+    misses = [item for item, ok, _ in ctx.results.get("checklist", []) if not ok]
     if misses:
         raise AssertionError("assignment checklist: missed " + "; ".join(misses))
-    print("assignment checklist: all items met")

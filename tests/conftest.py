@@ -55,3 +55,10 @@ def make_mnist_root(root: Path, n_train: int = 512, n_test: int = 128, folder: s
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory) -> Path:
     return make_mnist_root(tmp_path_factory.mktemp("data"))
+
+
+def started(nb, cfg):
+    """A run context after its first stage: device picked, data loaded (what each later stage needs)."""
+    ctx = nb.Run(cfg)
+    nb.start(ctx)
+    return ctx

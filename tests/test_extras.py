@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import SCRIPT, make_mnist_root
+from conftest import SCRIPT, make_mnist_root, started
 
 
 # --- WGAN-GP -------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def test_critic_and_generator_losses(nb):
 def test_wgan_takes_one_generator_step_per_n_critic(nb):
     cfg = nb.make_config(["--profile", "smoke", "--wgan-n-critic", "3"], env={})
     torch.manual_seed(0)
-    trainer = nb.make_trainer("wgan", cfg, torch.device("cpu"))
+    trainer = nb.build_trainer("wgan", cfg, torch.device("cpu"))
     images, labels = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.arange(16) % 10
     g_changes, c_changes = [], []
     for _ in range(6):
@@ -123,8 +123,7 @@ def test_widths_and_defaults_keep_the_assignment_models(nb):
 
 def test_checkpoint_without_a_newer_setting_still_resumes(nb, tiny_mnist, tmp_path):
     cfg = nb.make_config(["--profile", "smoke", "--data-root", str(tiny_mnist), "--out", str(tmp_path)], env={})
-    train = nb.load_mnist(str(tiny_mnist))
-    nb.train_model("vae", train, cfg, torch.device("cpu"), checkpoint=tmp_path / "vae.pt")
+    nb.train_model(started(nb, cfg), "vae", tmp_path / "vae.pt")
     state = torch.load(tmp_path / "vae.pt", weights_only=True)
     for name in ("vae_width", "dataset", "gan_width"):  # as a checkpoint from before these settings existed
         del state["config"][name]

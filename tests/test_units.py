@@ -279,12 +279,13 @@ def test_peak_memory_sees_an_allocation(nb):
 
 def test_vae_steering_draws_the_asked_class_codes(nb):
     torch.manual_seed(0)
-    vae = nb.VAE(4).eval()
+    vae = nb.build_trainer("vae", nb.Config(vae_latent=4), torch.device("cpu"))
     images = torch.randint(0, 256, (200, 28, 28), dtype=torch.uint8)
     labels = torch.arange(200) % 10
-    means, stds = nb.vae_class_codes(vae, images, labels)
+    means, stds = nb.class_codes(vae, images, labels)
     assert means.shape == stds.shape == (10, 4)
-    steered = nb.vae_steer(vae, means, stds, torch.tensor([3, 3, 7]), torch.Generator().manual_seed(0))
+    assert torch.allclose(means[3], vae.codes(images[labels == 3]).mean(0), atol=1e-5)
+    steered = nb.steer(vae, means, stds, torch.tensor([3, 3, 7]), torch.Generator().manual_seed(0))
     assert steered.shape == (3, 28, 28) and steered.dtype == np.uint8
 
 
@@ -329,9 +330,9 @@ def test_fp16_steps_scale_the_loss(nb):
     cfg = nb.make_config(["--profile", "smoke", "--amp", "fp16", "--ddpm-width", "16"], env={})  # CPU fp16 is slow
     device = torch.device("cpu")
     images, labels = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), torch.arange(4)
-    for name in nb.ALL_MODELS:
+    for name in nb.MODELS:
         torch.manual_seed(0)
-        trainer = nb.make_trainer(name, cfg, device)
+        trainer = nb.build_trainer(name, cfg, device)
         scalers = [v for v in trainer.parts.values() if isinstance(v, nb.LossScaler)]
         assert scalers and all(s.scaler is not None for s in scalers), name
         params = [p for m in trainer.modules for p in m.parameters()]  # the WGAN's G steps every 5th batch only
@@ -382,12 +383,34 @@ def test_load_tiny_mnist(nb, tiny_mnist):
     assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
 
 
-def test_every_setting_has_its_comment_as_help(nb):
-    comments = nb.field_comments()
-    assert set(nb.OVERRIDES) <= set(comments), set(nb.OVERRIDES) - set(comments)
-    assert all(f.name in comments for f in nb.dataclasses.fields(nb.Config))  # one comment per field
+def test_every_setting_has_its_help_group_and_flag(nb):
+    fields = nb.dataclasses.fields(nb.Config)
+    assert all(f.metadata["help"] and f.metadata["group"] in nb.GROUPS for f in fields)
+    assert nb.NOT_TRAINING_FIELDS == {f.name for f in fields if not f.metadata["train"]}
+    assert {"out", "epochs", "sampler", "ddim_steps", "resume"} <= nb.NOT_TRAINING_FIELDS
+    assert {"vae_width", "ddpm_lr", "seed", "amp"}.isdisjoint(nb.NOT_TRAINING_FIELDS)
     help_text = nb.build_parser().format_help()
+    for group in nb.GROUPS:  # grouped, each flag with its default and its environment variable
+        assert f"\n{group}:\n" in help_text, group
     assert "MNIST_GEN_DATA_ROOT" in help_text and "U-Net channels" in help_text
+    assert "(default: 50, smoke 5;" in " ".join(help_text.split())  # ddim_steps, with its smoke value
+    assert "cpu: vae 10, gan 4, cgan 4, ddpm 6" in " ".join(help_text.split())  # epochs per profile
+    assert "--vae-lr" not in help_text  # fixed by the assignment: no flag
+
+
+def test_precedence_profile_cell_environment_flags(nb):
+    cell = {"profile": "smoke", "models": "vae,gan", "epochs": 3, "resume": False, "out": "from-cell", "drive": ""}
+    cfg = nb.make_config(None, env={}, cell=cell)
+    assert cfg.profile == "smoke" and cfg.models == ("vae", "gan") and cfg.epochs["vae"] == 3
+    assert cfg.out == "from-cell" and cfg.n_samples == 20 and not cfg.resume  # the profile fills the rest
+    cfg = nb.make_config(None, env={"MNIST_GEN_OUT": "from-env", "MNIST_GEN_PROFILE": "cpu"}, cell=cell)
+    assert cfg.out == "from-env" and cfg.profile == "cpu" and cfg.n_samples == 1000
+    cfg = nb.make_config(["--out", "from-flag"], env={"MNIST_GEN_OUT": "from-env"}, cell=cell)
+    assert cfg.out == "from-flag"
+    blank = {"profile": "", "models": "", "epochs": 0, "resume": False, "drive": ""}  # the cell as committed
+    assert nb.make_config(None, env={"MNIST_GEN_PROFILE": "cpu"}, cell=blank) == nb.make_config(["--profile", "cpu"], env={})
+    with pytest.raises(nb.SetupError, match="settings cell field epochs"):
+        nb.make_config(None, env={}, cell={"epochs": "many"})
 
 
 def test_history_means_and_non_finite_loss(nb):

@@ -1,0 +1,113 @@
+"""The notebook's layout: a model is one entry in MODELS plus one section, the settings cell takes papermill's
+parameters, and the committed notebook carries the outputs of a real run."""
+import json
+import os
+import subprocess
+import sys
+
+import nbformat
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import NOTEBOOK
+from test_end_to_end import FIGURES, check_outputs
+
+
+class ToyTrainer:
+    """A model the notebook has never seen: a linear decoder from 8 numbers to an image, trained with BCE
+    towards the batch. It has what every trainer has, and nothing more."""
+    losses, fmt, signed, uses_sampler = ("loss",), ".3f", False, False
+
+    def __init__(self, name, cfg, device):
+        import mnist_gen as nb
+        self.name, self.cfg, self.device = name, cfg, device
+        self.net = nn.Sequential(nn.Linear(8, 784), nn.Unflatten(1, (1, 28, 28))).to(device)
+        self.opt = nb.adam(self.net.parameters(), 1e-2, device)
+        self.modules = (self.net,)
+        self.parts = {"net": self.net, "opt": self.opt}
+
+    def step(self, xb, yb):
+        logits = self.net(torch.randn(len(xb), 8, device=self.device))
+        loss = F.binary_cross_entropy_with_logits(logits, xb.unsqueeze(1).float() / 255)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": loss}
+
+    def sample(self, n, gen, labels=None, sampler=None, progress=False):
+        return torch.sigmoid(self.net(torch.randn(n, 8, generator=gen, device=self.device)))
+
+    def sampler_note(self, sampler):
+        return "one linear pass"
+
+    @staticmethod
+    def assignment(name, cfg, entry, out):
+        return None
+
+
+def with_toy(nb, monkeypatch):
+    """Register the toy: one MODELS entry, its class, and its section's cell (placed after the DDPM's)."""
+    monkeypatch.setitem(nb.MODELS, "toy", nb.ModelSpec("Toy", "ToyTrainer", dict(smoke=1, cpu=1, full=1),
+                                                       "tab:gray", ("loss",)))
+    monkeypatch.setattr(nb, "ToyTrainer", ToyTrainer, raising=False)
+
+    def toy_section(ctx):
+        nb.train_section(ctx, "toy")
+
+    stages = list(nb.STAGES)
+    stages.insert(stages.index(nb.ddpm_section) + 1, toy_section)
+    monkeypatch.setattr(nb, "STAGES", stages)
+
+
+def test_a_new_model_is_one_entry_and_one_section(nb, tiny_mnist, tmp_path, monkeypatch):
+    with_toy(nb, monkeypatch)
+    out = tmp_path / "out"
+    args = ["--profile", "smoke", "--models", "vae,toy", "--data-root", str(tiny_mnist), "--out", str(out)]
+    ctx = nb.run(nb.Run(nb.make_config(args, env={})))
+    assert list(ctx.models) == ["vae", "toy"]
+    with np.load(out / "samples" / "toy.npz") as data:
+        assert data["images"].shape == (20, 28, 28) and data["images"].dtype == np.uint8
+    state = torch.load(out / "checkpoints" / "toy.pt", weights_only=True)
+    assert state["finished"] and set(state["net"]) == {"0.weight", "0.bias"} and "probes" in state
+    for figure in ("toy_samples.png", "toy_losses.png", "comparison.png", "loss_curves.png", "epoch_fid.png"):
+        assert (out / figure).stat().st_size > 1000, figure
+    table = pd.read_csv(out / "metrics.csv", index_col="model")
+    assert table.loc["toy", ["clarity_fid", "control_score", "stability_score", "efficiency_score"]].notna().all()
+    toy = json.loads((out / "results.json").read_text())["models"]["toy"]
+    assert toy["sampler"] == "one linear pass" and len(toy["epoch_fid"]) == 1
+    assert toy["control"]["method"] == "redrawn until the digit appears"
+    assert "Toy" in (out / "REPORT.md").read_text()
+    items = {item[:1]: (ok, evidence) for item, ok, evidence in ctx.results["checklist"]}
+    assert all(ok for ok, _ in items.values()) and items["7"][1].startswith("3 figures")  # vae, toy, comparison
+
+    again = nb.run(nb.Run(nb.make_config(args + ["--resume"], env={})))  # checkpoints: loaded, not retrained
+    assert np.array_equal(again.models["toy"].samples, ctx.models["toy"].samples)
+
+    bench = nb.run(nb.Run(nb.make_config(args + ["--benchmark", "--out", str(tmp_path / "b")], env={})))
+    row = json.loads((tmp_path / "b" / "benchmark.json").read_text())["models"]["toy"]
+    assert row["parameters"] == 8 * 784 + 784 and row["step_seconds_median"] > 0 and not bench.models
+
+
+def test_papermill_parameters_run_the_notebook(tiny_mnist, tmp_path):
+    """papermill -p sets the settings cell (tagged `parameters`); the rest comes from the environment."""
+    out, executed = tmp_path / "pm-out", tmp_path / "executed.ipynb"
+    env = dict(os.environ, MNIST_GEN_N_SAMPLES="20", MNIST_GEN_PROGRESS="log")
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), "-k", "python3",
+                           "--cwd", str(tmp_path), "-p", "profile", "smoke", "-p", "models", "vae,gan,cgan,ddpm",
+                           "-p", "epochs", "1", "-p", "data_root", str(tiny_mnist), "-p", "out", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    notebook = nbformat.read(executed, as_version=4)
+    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "run: profile smoke" in text and "code commit: " in text
+    assert "assignment checklist: all items met" in text
+    check_outputs(out, 20)
+    images = sum(1 for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                 if "image/png" in o.get("data", {}))
+    assert images >= len(FIGURES) + 4  # each model's losses in its section, and every figure, shown inline
+    vae_cell = next(c for c in notebook.cells if c.cell_type == "code" and "def vae_section" in c.source)
+    assert sum("image/png" in o.get("data", {}) for o in vae_cell.outputs) == 2  # shown right there
+    assert "vae epoch 1/1" in "".join(o.get("text", "") for o in vae_cell.outputs)
