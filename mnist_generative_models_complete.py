@@ -40,8 +40,11 @@
 # * **Part C, the appendix** (sections C1-C9), all opt in: WGAN-GP and a class-conditional DDPM, studies
 #   of samplers, sizes, seeds and the DDPM's design, the slower public DDPM design, and a benchmark.
 #
-# **How to run.** In Colab: *Runtime → Change runtime type → GPU*, change the settings cell below if
-# you like, then *Run all*. Headless: `python mnist_generative_models_complete.py --help`.
+# **How to run.** In Colab the notebook asks for a GPU runtime (a free T4 is enough): change the
+# settings cell below if you like, then *Run all*. Colab's disk is lost when the runtime disconnects:
+# name a Google Drive folder in `drive` to keep everything, and tick `resume` to continue after a
+# disconnect. Each model's section says how long it expects to take before it trains.
+# Headless: `python mnist_generative_models_complete.py --help`.
 # Everything lands in the output folder: figures, `samples/<model>.npz`, checkpoints,
 # `metrics.csv` and `metrics.json`, `results.json`, and a written `REPORT.md`.
 
@@ -83,6 +86,7 @@ import copy
 import dataclasses
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
@@ -97,6 +101,7 @@ from pathlib import Path
 import matplotlib
 
 IN_KERNEL = "ipykernel" in sys.modules  # True inside Jupyter / Colab
+IN_COLAB = "google.colab" in sys.modules  # a Colab runtime (whose disk goes when it disconnects)
 if not IN_KERNEL:
     matplotlib.use("Agg")  # headless: draw to files only
 
@@ -106,8 +111,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm as text_tqdm
-from tqdm.auto import tqdm
+import warnings
+
+with warnings.catch_warnings():  # a kernel without ipywidgets gets text bars, and tqdm would warn about it
+    warnings.simplefilter("ignore")
+    from tqdm.auto import tqdm
 
 RUN = __name__ == "__main__"  # True in a notebook and as a script; False when the tests import this file
 PROFILES = ("smoke", "cpu", "full")
@@ -243,10 +251,11 @@ class Config:
     device: str = setting("auto", "auto (CUDA when present) | cpu | cuda", "run", train=False)
     seed: int = setting(42, "one seed for python, numpy, torch and the data order", "run")
     batch_size: int = setting(128, "fixed by the assignment for every model", "run", flag=False)
-    n_samples: int = setting(1000, "images exported per model to samples/<model>.npz", "run", train=False,
-                             profiles={"smoke": 20, "full": 10000})
-    progress: str = setting("auto", "auto: live bars on a terminal or in a notebook, a line every 30 s in a log | "
-                                    "log: a line every 30 s (saved notebooks) | off", "run", train=False)
+    n_samples: int = setting(1000, "images exported per model to samples/<model>.npz (and as many test digits "
+                                   "to compare with)", "run", train=False, profiles={"smoke": 20, "full": 10000})
+    progress: str = setting("auto", "auto: progress bars (live on a terminal or in a notebook, a line every 30 s "
+                                    "in a log file) | off: none, only a line per epoch (saved notebooks)", "run",
+                            train=False)
     # VAE
     vae_latent: int = setting(16, "size of the VAE's code z", "models")
     vae_width: int = setting(32, "VAE decoder channels at 14x14 (2x at 7x7); the encoder's layers are 16x "
@@ -280,7 +289,7 @@ class Config:
                                     train=False)
     # sampling and measuring
     sampler: str = setting("ddim", "DDPM export sampler: ddim (strided, deterministic) | ancestral (the paper's "
-                                   "T steps)", "measuring", train=False, profiles={"full": "ancestral"})
+                                   "T steps)", "measuring", train=False)
     ddim_steps: int = setting(50, "network passes per DDIM sample", "measuring", train=False, profiles={"smoke": 5})
     ancestral_preview: int = setting(10, "DDPM images also drawn with the T-step ancestral sampler (0 = none)",
                                      "measuring", train=False, profiles={"smoke": 0})
@@ -291,7 +300,7 @@ class Config:
     epoch_fid_ddpm_samples: int = setting(500, "the same for diffusion models, whose samples cost more",
                                           "measuring", train=False, profiles={"smoke": 20, "full": 1000})
     epoch_fid_ddim_steps: int = setting(20, "DDIM steps of those per-epoch diffusion samples", "measuring",
-                                        train=False, profiles={"smoke": 2, "full": 50})
+                                        train=False, profiles={"smoke": 2})
     # opt-in studies (Part C)
     sampler_study: bool = setting(False, "from the DDPM's weights: FID and time of ancestral-1000 and "
                                          "DDIM-100/50/20/10", "studies", train=False)
@@ -307,8 +316,8 @@ class Config:
                               "studies", train=False)
     # speed
     amp: str = setting("auto", "mixed precision + channels-last: auto (bf16 on Ampere+ GPUs and AMX CPUs, fp16 "
-                               "on older GPUs) | bf16 | fp16 | off", "speed")
-    compile: bool = setting(False, "torch.compile the networks being trained (CUDA only)", "speed")
+                               "on older GPUs) | bf16 | fp16 | off", "speed", train=False)
+    compile: bool = setting(False, "torch.compile the networks being trained (CUDA only)", "speed", train=False)
     max_batches: int = setting(0, ">0 caps the batches per epoch (smoke tests); 0 = whole epochs", "speed",
                                profiles={"smoke": 2})
 
@@ -320,6 +329,12 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 NOT_TRAINING_FIELDS = {name for name, f in FIELDS.items() if not f.metadata["train"]}
 FLAGS = [name for name, f in FIELDS.items() if f.metadata["flag"]]  # also MNIST_GEN_<NAME>
 PR_K = 5  # the k of the k-NN manifolds in precision and recall (Kynkaanniemi et al. 2019), section 9
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_capability() -> tuple:
+    """The CUDA GPU's compute capability, e.g. (7, 5) for a T4, (9, 0) for an H100."""
+    return tuple(torch.cuda.get_device_capability())
 
 
 def profile_defaults(profile: str) -> dict:
@@ -423,8 +438,13 @@ def validate(cfg: Config) -> None:
          "device cuda was asked for but torch sees no CUDA GPU: use --device cpu (or auto)")
     need(cfg.n_samples >= 10, "n_samples must be at least 10 (one per digit for the cGAN)")
     need(cfg.max_batches >= 0, "max_batches must be 0 (whole epochs) or more")
-    need(cfg.progress in ("auto", "log", "off"), f"progress {cfg.progress!r}: use auto, log or off")
+    need(cfg.progress in ("auto", "off"), f"progress {cfg.progress!r}: use auto or off")
     need(cfg.amp in ("auto", "bf16", "fp16", "off"), f"amp {cfg.amp!r}: use auto, bf16, fp16 or off")
+    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    need(not (cfg.amp == "bf16" and on_cuda) or cuda_capability() >= (8, 0),
+         f"amp bf16 needs a GPU of compute capability 8.0 or more (Ampere on); this one has "
+         f"{'.'.join(map(str, cuda_capability())) if on_cuda else '?'}: use --amp fp16 (float16 with loss scaling, "
+         "what auto picks here) or --amp off")
     need(cfg.sampler in ("ddim", "ancestral"), f"sampler {cfg.sampler!r}: use ddim or ancestral")
     need(1 <= cfg.ddim_steps <= cfg.ddpm_T, f"ddim_steps must be between 1 and {cfg.ddpm_T}")
     need(cfg.ancestral_preview >= 0, "ancestral_preview must be 0 or more")
@@ -501,11 +521,21 @@ STAGES = []  # the work cells, in the order they appear
 
 
 def stage(fn):
-    """Mark a cell's work: in a notebook, or as a script, it runs at once on this run's context."""
-    STAGES.append(fn)
+    """Mark a cell's work: in a notebook, or as a script, it runs at once on this run's context.
+    Its wall time is kept in the results (stage_seconds), so every run says where its time went."""
+    @functools.wraps(fn)
+    def timed(ctx):
+        t0 = time.perf_counter()
+        try:
+            return fn(ctx)
+        finally:
+            seconds = ctx.results.setdefault("stage_seconds", {})
+            seconds[fn.__name__] = seconds.get(fn.__name__, 0.0) + time.perf_counter() - t0
+
+    STAGES.append(timed)
     if RUN:
-        fn(ctx)
-    return fn
+        timed(ctx)
+    return timed
 
 
 def run(ctx: Run) -> Run:
@@ -553,20 +583,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+# progress bars redraw often on a terminal or in a notebook, rarely when written to a log file
 BAR = {"mininterval": 0.2 if (IN_KERNEL or sys.stderr.isatty()) else 30.0, "leave": False, "disable": False}
-LIVE_BARS = [True]  # False: plain text bars (a saved notebook keeps text, not widgets)
 
 
 def configure_progress(cfg: Config) -> None:
-    """auto: live bars on a terminal or in a notebook, a line every 30 s in a log; log: always the latter."""
-    live = cfg.progress == "auto" and (IN_KERNEL or sys.stderr.isatty())
-    BAR.update(mininterval=0.2 if live else 30.0, disable=cfg.progress == "off")
-    LIVE_BARS[0] = cfg.progress == "auto"
+    """progress off: no bars at all (a notebook saved with its outputs keeps only the per-epoch lines)."""
+    BAR["disable"] = cfg.progress == "off"
 
 
 def progress_bar(iterable=None, **kwargs):
-    """A progress bar (tqdm.auto: a widget in a notebook) that stays quiet in logs."""
-    return (tqdm if LIVE_BARS[0] else text_tqdm)(iterable, **{**BAR, **kwargs})
+    """A progress bar (tqdm.auto: a widget in a notebook, text elsewhere)."""
+    return tqdm(iterable, **{**BAR, **kwargs})
 
 
 @functools.lru_cache(maxsize=None)
@@ -578,10 +606,9 @@ def cpu_has_amx() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_has_bf16() -> bool:
     """Native bf16 from Ampere (compute capability 8) on; older GPUs such as Colab's T4 only emulate it."""
-    return torch.cuda.get_device_capability()[0] >= 8
+    return cuda_capability() >= (8, 0)
 
 
 def amp_dtype(cfg: Config, device: torch.device):
@@ -641,6 +668,9 @@ def save_checkpoint(path: Path, **state):
     os.replace(tmp, path)
 
 
+DRIVE_MOUNT = Path("/content/drive")  # where Colab mounts Google Drive
+
+
 def use_drive(cfg: Config) -> None:
     """Colab: mount Google Drive and move `out` into cfg.drive, so outputs and checkpoints survive a
     disconnect (run again with resume on to continue where training stopped)."""
@@ -651,8 +681,25 @@ def use_drive(cfg: Config) -> None:
     except ImportError:
         raise SetupError("drive is a Google Colab setting (it mounts your Drive); elsewhere choose "
                          "the output folder with --out") from None
-    drive.mount("/content/drive")
-    cfg.out = str(Path("/content/drive") / cfg.drive / cfg.out)
+    drive.mount(str(DRIVE_MOUNT))
+    cfg.out = str(DRIVE_MOUNT / cfg.drive / cfg.out)
+
+
+def flush_drive(cfg: Config) -> None:
+    """Colab: write everything out to Google Drive at the end of the run (then it is unmounted)."""
+    if cfg.drive:
+        from google.colab import drive
+        drive.flush_and_unmount()
+        print(f"Google Drive: everything written out to {cfg.out} and unmounted (mount it again to open the files)")
+
+
+def code_blob() -> str | None:
+    """The git blob id of this script (what `git hash-object` prints), when it runs as a file: a run made outside
+    a git checkout (a copy on a GPU machine) can still be matched to its commit (`git log --find-object`)."""
+    if "__file__" not in globals():
+        return None
+    data = Path(__file__).read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 def code_commit() -> str:
@@ -774,6 +821,7 @@ def environment(cfg: Config, device: torch.device) -> dict:
            "device": str(device), "threads": torch.get_num_threads(),
            "autocast": str(amp_dtype(cfg, device)).replace("torch.", ""), "cpu_amx": cpu_has_amx(),
            "platform": platform.platform(), "cpu_count": os.cpu_count(), "code_commit": code_commit(),
+           "code_blob": code_blob(),
            "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -794,6 +842,12 @@ def start(ctx):
     print(f"run: profile {cfg.profile}, device {env['device']}{' (' + env['gpu'] + ')' if 'gpu' in env else ''}, "
           f"autocast {env['autocast']}, torch {env['torch']}, Python {env['python']}, {env['threads']} threads, "
           f"started {env['started']}\ncode commit: {env['code_commit']}")
+    if cfg.drive:
+        print(f"outputs and checkpoints go to Google Drive: {ctx.out}")
+    elif IN_COLAB:
+        print(f"note: {ctx.out} is on this Colab runtime's own disk, which is lost when the runtime disconnects or "
+              "is recycled. To keep the outputs and checkpoints, set drive (e.g. MyDrive/mnist-gen) in the settings "
+              "cell; after a disconnect, run again with resume ticked to continue where training stopped.")
     if cfg.benchmark:
         print("benchmark: the models are timed in section C8; nothing is trained")
     else:
@@ -849,7 +903,9 @@ class LossScaler:
         return self.scaler.state_dict() if self.scaler else {}
 
     def load_state_dict(self, state: dict):
-        if self.scaler:
+        """An fp16 run's scale carries on; a checkpoint from a bf16 or float32 run has none (the scaler starts
+        afresh), and a scale saved by an fp16 run means nothing to a bf16 or float32 one."""
+        if self.scaler and state:
             self.scaler.load_state_dict(state)
 
 
@@ -882,8 +938,8 @@ class History:
 
     FLUSH_EVERY = 50
 
-    def __init__(self, model: str, *names):
-        self.model, self.names = model, names
+    def __init__(self, model: str, *names, hint: str = "lower its learning rate"):
+        self.model, self.names, self.hint = model, names, hint
         self.step = {n: [] for n in names}
         self.epoch = {n: [] for n in names}
         self.seconds, self._start, self._mark, self._pending = 0.0, time.perf_counter(), 0, []
@@ -904,8 +960,7 @@ class History:
         if not torch.isfinite(values).all():
             bad = [n for i, n in enumerate(self.names) if not torch.isfinite(values[:, i]).all()]
             raise FloatingPointError(f"{self.model}: the loss {', '.join(bad)} became non-finite "
-                                     f"near step {len(self.step[self.names[0]]) + len(values)}; "
-                                     f"lower its learning rate")
+                                     f"near step {len(self.step[self.names[0]]) + len(values)}; {self.hint}")
         for i, n in enumerate(self.names):
             self.step[n].extend(values[:, i].tolist())
         return {n: self.step[n][-1] for n in self.names}
@@ -1005,15 +1060,19 @@ class PeakMemory:
 
 
 def fit(trainer, data, cfg: Config, epochs: int, probe=None, gen: torch.Generator | None = None,
-        checkpoint: Path | None = None, resume: bool = False, pretrained: bool = False):
+        checkpoint: Path | None = None, resume: bool = False, pretrained: bool = False, on_epoch=None):
     """Train for `epochs` over batches of 128 in the seeded order of `gen`; returns the History.
-    probe(trainer), if given, draws samples after every epoch, untimed, kept in History.probes. With
+    probe(trainer), if given, draws samples after every epoch, untimed, kept in History.probes;
+    on_epoch(hist, wall_seconds), if given, hears of every finished epoch. With
     `checkpoint`, the whole training state is saved there after every epoch; with `resume` too, training
     continues from the epoch saved there (a finished model is only loaded); with `pretrained` the
     checkpoint must hold all `epochs`, and nothing is trained."""
     images, labels = data
     gen = gen or torch.Generator().manual_seed(cfg.seed)  # the batch order
-    hist = History(trainer.name, *trainer.losses)
+    hint = "lower its learning rate" + (f", or train in float32 (--amp off, MNIST_GEN_AMP=off; this run used "
+                                        f"{str(amp_dtype(cfg, trainer.device)).replace('torch.', '')})"
+                                        if amp_enabled(cfg, trainer.device) else "")
+    hist = History(trainer.name, *trainer.losses, hint=hint)
     if (resume or pretrained) and checkpoint is not None and checkpoint.exists():
         restore(trainer, hist, gen, load_checkpoint(checkpoint, trainer.name, cfg, epochs))
         print(f"{trainer.name}: resumed from {checkpoint} after epoch {hist.epochs_done} of {epochs}")
@@ -1024,6 +1083,7 @@ def fit(trainer, data, cfg: Config, epochs: int, probe=None, gen: torch.Generato
                          f"(or with --resume to finish it) into {cfg.out}")
     with PeakMemory(trainer.device) as memory:
         for epoch in range(hist.epochs_done, epochs):
+            started = time.perf_counter()
             bar = progress_bar(total=steps_per_epoch(len(images), cfg), desc=f"{trainer.name} epoch {epoch + 1}/{epochs}")
             for xb, yb in batches(images, labels, cfg, gen):
                 losses = trainer.step(xb, yb)
@@ -1048,6 +1108,8 @@ def fit(trainer, data, cfg: Config, epochs: int, probe=None, gen: torch.Generato
             print(f"{trainer.name} epoch {hist.epochs_done}/{epochs}: "
                   + ", ".join(f"{k} {v[-1]:{trainer.fmt}}" for k, v in hist.epoch.items())
                   + f" ({hist.seconds:.0f} s of training)")
+            if on_epoch is not None:
+                on_epoch(hist, time.perf_counter() - started)
     for module in trainer.modules:
         module.eval()
     return hist
@@ -1086,11 +1148,22 @@ def load_checkpoint(path: Path, name: str, cfg: Config, epochs: int) -> dict:
     return state
 
 
+def set_generator_state(gen: torch.Generator, saved: torch.Tensor, what: str):
+    """Continue a random stream from a checkpoint. A CPU generator's state and a CUDA generator's differ in kind
+    (a checkpoint carried between a CPU and a GPU): then the stream restarts from a seed derived from the saved
+    state, so the run goes on (reproducibly, though not as the uninterrupted run would have)."""
+    try:
+        gen.set_state(saved)
+    except RuntimeError:
+        gen.manual_seed(int.from_bytes(hashlib.sha256(saved.numpy().tobytes()).digest()[:8], "little"))
+        print(f"{what}: the saved random state is another device's; its stream restarts from a seed derived from it")
+
+
 def restore(trainer, hist: History, gen: torch.Generator, state: dict):
     for key, part in trainer.parts.items():
         try:
             if isinstance(part, torch.Generator):
-                part.set_state(state[key])
+                set_generator_state(part, state[key], f"{trainer.name} {key}")
             else:
                 part.load_state_dict(state[key])
         except (KeyError, RuntimeError, ValueError) as err:
@@ -1108,16 +1181,15 @@ def n_params(*modules) -> int:
 
 
 # %% [markdown]
-# ### Sampling, exporting, and what each model section shows
+# ### Sampling, exporting, and the figures each model section shows
 #
 # Every model draws `n_samples` images in batches of 1,000 under `torch.inference_mode`. They are
 # exported to `samples/<model>.npz` as `images` (uint8, N×28×28, 0 = background, 255 = ink) and, for
 # a conditional model, `labels` (the class asked for, balanced over the ten). The sampler and its
-# number of network passes are recorded with every output. `train_section` is the whole work of a
-# model's section: train (or resume, or load), export, then show the loss curves and samples.
+# number of network passes are recorded with every output.
 
 # %%
-# @title Sampling, export and each section's figures { display-mode: "form" }
+# @title Sampling, export and the figures of a model's section { display-mode: "form" }
 SAMPLE_BATCH = 1000
 
 
@@ -1168,7 +1240,8 @@ def epoch_probe(model, n: int) -> np.ndarray:
                 Sampler("ddim", cfg.epoch_fid_ddim_steps), asked)
 
 
-def train_model(ctx: Run, name: str, checkpoint: Path | None, cfg: Config | None = None, probes: bool = True):
+def train_model(ctx: Run, name: str, checkpoint: Path | None, cfg: Config | None = None, probes: bool = True,
+                on_epoch=None):
     """Train one model from seed cfg.seed (default: the run's config), saving (and with resume,
     resuming from) `checkpoint`; with pretrained the finished checkpoint is loaded, not trained."""
     cfg = cfg or ctx.cfg
@@ -1176,7 +1249,7 @@ def train_model(ctx: Run, name: str, checkpoint: Path | None, cfg: Config | None
     model = build_trainer(name, cfg, ctx.device)
     n = probe_size(model, cfg, len(ctx.test[0]))
     hist = fit(model, ctx.train, cfg, cfg.model_epochs(name), (lambda m: epoch_probe(m, n)) if probes else None,
-               checkpoint=checkpoint, resume=cfg.resume, pretrained=cfg.pretrained)
+               checkpoint=checkpoint, resume=cfg.resume, pretrained=cfg.pretrained, on_epoch=on_epoch)
     return Trained(name, model, hist, n_params(*model.modules))
 
 
@@ -1240,6 +1313,99 @@ def plot_losses(histories: dict, path: Path):
     show(fig, path)
 
 
+
+# %% [markdown]
+# ### How long each model will take
+#
+# Before a model trains, its section times a throwaway copy for a few steps on this machine and
+# prints the expected time; after the first real epoch it prints the remaining time again from the
+# measured epoch. A model's section cannot time the models of later sections (their code is not
+# defined yet), so each of them is timed when its own section starts.
+
+# %%
+def random_batch(data, cfg: Config, gen: torch.Generator):
+    idx = torch.randint(0, len(data[0]), (cfg.batch_size,), generator=gen).to(data[0].device)
+    return data[0][idx], data[1][idx]
+
+
+def time_estimate(ctx: Run, name: str) -> dict:
+    """How long `name` will take on this machine (None when it has nothing left to train): a throwaway copy
+    takes one warm-up and two timed training steps and draws once with a single network pass (at the export
+    batch and at the preview's); the epochs, the per-epoch samples, the export and the preview follow from
+    those. The model then trains from its seed."""
+    cfg, spec = ctx.cfg, MODELS[name]
+    epochs_left = cfg.model_epochs(name)
+    if cfg.resume and ctx.checkpoint(name).exists():
+        try:
+            epochs_left -= torch.load(ctx.checkpoint(name), map_location="cpu", weights_only=True)["epoch"]
+        except Exception:  # unreadable: the real load, in fit, says what is wrong with it
+            pass
+    if epochs_left <= 0 or cfg.pretrained:
+        return None  # nothing to train: the checkpoint is loaded
+    seed_everything(cfg.seed)
+    model = build_trainer(name, cfg, ctx.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = float(np.median(time_calls(lambda: model.step(*random_batch(ctx.train, cfg, gen)), 1, 2, ctx.device)))
+    for module in model.modules:
+        module.eval()
+
+    def one_pass(n):  # seconds of one network pass (a whole draw for a one-pass model) at batch n
+        asked = balanced_labels(n) if spec.conditional else None
+        draw_gen = torch.Generator(ctx.device).manual_seed(cfg.seed)
+        return time_calls(lambda: draw(model, n, draw_gen, Sampler("ddim", 1), asked), 1, 1, ctx.device)[0]
+
+    def passes(sampler):
+        return (sampler.steps if sampler.kind == "ddim" else cfg.ddpm_T) if model.uses_sampler else 1
+
+    batch = min(SAMPLE_BATCH, cfg.n_samples)
+    pass_s, probe_n = one_pass(batch), probe_size(model, cfg, len(ctx.test[0]))
+    epoch = (steps_per_epoch(len(ctx.train[0]), cfg) * step
+             + pass_s * math.ceil(probe_n / batch) * passes(Sampler("ddim", cfg.epoch_fid_ddim_steps)))
+    export = pass_s * math.ceil(cfg.n_samples / batch) * passes(ctx.export_sampler)
+    if previews(ctx, model, spec):
+        export += one_pass(cfg.ancestral_preview) * cfg.ddpm_T
+    return {"step": step, "epoch": epoch, "epochs_left": epochs_left, "export": export,
+            "total": epochs_left * epoch + export}
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def announce_estimate(ctx: Run, name: str, est: dict):
+    later = [MODELS[m].title for m in ctx.cfg.models if m not in ctx.models and m != name
+             and list(MODELS).index(m) > list(MODELS).index(name)]
+    print(f"time estimate: {MODELS[name].title} about {minutes(est['total'])} on this machine ({est['epochs_left']} "
+          f"epochs of {steps_per_epoch(len(ctx.train[0]), ctx.cfg)} steps at {1000 * est['step']:.0f} ms, then "
+          f"{ctx.cfg.n_samples} samples); the run so far {minutes(time.perf_counter() - ctx.started)}"
+          + (f"; {', '.join(later)} are timed when their sections start" if later else ""))
+
+
+def estimate_after_first_epoch(ctx: Run, name: str, est: dict):
+    """An on_epoch hook: after the model's first epoch here, the remaining time from the measured epoch."""
+    def hear(hist, seconds):
+        if hist.epochs_done == ctx.cfg.model_epochs(name) - est["epochs_left"] + 1:
+            left = est["epochs_left"] - 1
+            print(f"time estimate after {MODELS[name].title}'s first epoch ({minutes(seconds)}, estimated "
+                  f"{minutes(est['epoch'])}): about {minutes(left * seconds + est['export'])} more for it "
+                  f"({left} epochs, then its samples)")
+    return hear
+
+
+# %% [markdown]
+# ### The work of a model's section
+#
+# `train_section(ctx, name)` is all a model's section runs: time the model, train it (or resume, or
+# load it), export its samples, then show its loss curves and its assignment figure. A model whose
+# loss turns non-finite is recorded, and the run goes on without it.
+
+# %%
+def previews(ctx: Run, model, spec: ModelSpec) -> bool:
+    """A diffusion model exported with DDIM also draws ancestral_preview images with the paper's sampler."""
+    cfg = ctx.cfg
+    return model.uses_sampler and not spec.conditional and cfg.ancestral_preview > 0 and cfg.sampler != "ancestral"
+
+
 def sample_figures(ctx: Run, trained: Trained):
     """The model's assignment figure: ten random samples, or for a conditional model a 10x10 grid whose
     row k asks for class k; for a diffusion model exported with DDIM, a few with the T-step sampler too."""
@@ -1254,7 +1420,7 @@ def sample_figures(ctx: Run, trained: Trained):
                         DATASETS[cfg.dataset]["classes"])
     else:
         plot_samples(trained.samples, f"{spec.title}: 10 random samples ({note})", ctx.out / spec.figure(name))
-    if model.uses_sampler and not spec.conditional and cfg.ancestral_preview and cfg.sampler != "ancestral":
+    if previews(ctx, model, spec):
         ancestral = Sampler("ancestral", cfg.ddpm_T)
         preview, trained.extras["ancestral_preview_seconds_per_image"] = timed_draw(
             model, cfg.ancestral_preview, cfg.seed + 2, ancestral, progress=True)
@@ -1267,8 +1433,12 @@ def train_section(ctx: Run, name: str):
     and samples. A model whose loss turns non-finite is recorded, and the run goes on without it."""
     if not ctx.wants(name):
         return None
+    est = time_estimate(ctx, name)  # None when the checkpoint is only loaded
+    if est:
+        announce_estimate(ctx, name, est)
     try:
-        trained = train_model(ctx, name, ctx.checkpoint(name))
+        trained = train_model(ctx, name, ctx.checkpoint(name),
+                              on_epoch=estimate_after_first_epoch(ctx, name, est) if est else None)
     except FloatingPointError as err:
         ctx.results["failed"][name] = f"{err}; its last finished epoch is kept in {ctx.checkpoint(name)}"
         print(f"{name} FAILED: {ctx.results['failed'][name]}. The other models go on.")
@@ -2210,7 +2380,7 @@ def measure_model(ctx: Run, trained: Trained) -> dict:
         "epoch_fid": epoch_fids(ctx, hist.probes),
         "epoch_fid_note": f"{probe_n} samples" + (f", DDIM-{cfg.epoch_fid_ddim_steps}" if model.uses_sampler else ""),
         "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}, "epoch_loss": hist.epoch,
-        **trained.extras}
+        "probe_seconds": hist.paused, **trained.extras}
     entry.update(sample_metrics(ctx, model, trained.samples, trained.asked))
     if hasattr(model, "codes"):
         ctx.arrays[f"{name}_reconstructions"] = reconstructions(ctx, model)
@@ -2233,7 +2403,9 @@ def measure_section(ctx):
     for name, trained in ctx.models.items():
         if name in ctx.results["models"]:
             continue
+        t0 = time.perf_counter()
         m = ctx.results["models"][name] = measure_model(ctx, trained)
+        m["measure_seconds"] = time.perf_counter() - t0
         print(f"{trained.spec.title}: classifier-FID {m['fid']:.1f} (floor {ctx.results['real_test']['fid_floor']:.1f}), "
               f"precision {m['precision']:.2f}, recall {m['recall']:.2f}, one attempt yields the chosen digit "
               f"{100 * m['control']['hit_rate']:.1f}% ({m['control']['method']}), "
@@ -2706,6 +2878,21 @@ def report_figures(results: dict) -> list:
     return figures
 
 
+def timing_markdown(results: dict) -> list:
+    """Where the run's time went: per model its parts, then every cell (stage) of the notebook so far."""
+    parts = pd.DataFrame.from_dict({title(n): {
+        "training s": m["train_seconds"], "per-epoch samples s": m.get("probe_seconds"),
+        "export s": m["sample_seconds"], "measuring s": m.get("measure_seconds")}
+        for n, m in results["models"].items()}, orient="index")
+    cells = pd.DataFrame.from_dict({name: {"wall s": s} for name, s in results.get("stage_seconds", {}).items()},
+                                   orient="index")
+    return ["## Where the time went", "",
+            f"Per model (training without the per-epoch samples; the export of {results['config']['n_samples']} "
+            "samples; the measurements of Part B):", "", markdown_table(parts), "",
+            "Per cell of the notebook, in order (a model's section holds its training, export and figures; the "
+            "last cells' times are added when the run ends):", "", markdown_table(cells.T), ""]
+
+
 def report_markdown(results: dict, table: pd.DataFrame, out: Path) -> str:
     cfg, env = results["config"], results["environment"]
     scores = pd.DataFrame(results["scores"]).T.rename(index=title)
@@ -2735,6 +2922,7 @@ def report_markdown(results: dict, table: pd.DataFrame, out: Path) -> str:
     for key, section in STUDY_SECTIONS.items():
         if results.get(key):
             lines += globals()[section](results)
+    lines += timing_markdown(results)
     lines += ["## Figures", ""]
     for name, caption in report_figures(results):
         if (out / name).is_file():
@@ -2749,7 +2937,7 @@ def report_markdown(results: dict, table: pd.DataFrame, out: Path) -> str:
     return "\n".join(lines)
 
 
-def write_results(ctx: Run):
+def save_results(ctx: Run):
     """results.json, metrics.csv, metrics.json and REPORT.md from the results so far."""
     results = ctx.results
     results["total_seconds"] = time.perf_counter() - ctx.started
@@ -2758,7 +2946,11 @@ def write_results(ctx: Run):
     write_json(ctx.out / "results.json", results)
     write_metrics(results, table, ctx.out)
     write_text(ctx.out / "REPORT.md", report_markdown(results, table, ctx.out))
-    print("\n\n".join(f"{axis}: {text(results)}" for axis, text in ANALYSIS))
+
+
+def write_results(ctx: Run):
+    save_results(ctx)
+    print("\n\n".join(f"{axis}: {text(ctx.results)}" for axis, text in ANALYSIS))
     print(f"\nwritten: {ctx.out / 'REPORT.md'}, metrics.csv, metrics.json, results.json")
 
 
@@ -2869,12 +3061,16 @@ def checklist_section(ctx):
 
 # %%
 def gradient_penalty(critic, real, fake, gen: torch.Generator | None = None):
-    """E[(||grad_x_hat C(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) x_tilde, eps ~ U(0, 1) per image."""
+    """E[(||grad_x_hat C(x_hat)||_2 - 1)^2] at x_hat = eps x + (1 - eps) x_tilde, eps ~ U(0, 1) per image.
+    Computed in float32 whatever the autocast around it: in float16 the input gradients of a small critic
+    underflow to 0 (no penalty gradient at all), and scaled up they overflow; the loss scaler then scales the
+    whole critic loss, penalty included, as for any other loss."""
     eps = torch.rand(len(real), 1, 1, 1, generator=gen, device=real.device)
-    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    scores = critic(x_hat).float()
-    (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)  # create_graph: the penalty is trained
-    return (grad.float().flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+    with torch.autocast(real.device.type, enabled=False):
+        x_hat = (eps * real.float() + (1 - eps) * fake.float()).requires_grad_(True)
+        scores = critic(x_hat).float()
+        (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)  # create_graph: the penalty is trained
+        return (grad.float().flatten(1).norm(2, dim=1) - 1).pow(2).mean()
 
 
 def critic_loss(real_scores, fake_scores, penalty, gp_weight: float):
@@ -3437,11 +3633,6 @@ BENCH_REFERENCE = {  # the best-known public notebook's DDPM step, re-created at
     "ddpm_step_seconds": 4.2, "ddpm_step_target_seconds": 0.3, "ddim50_1000_samples_target_seconds": 45.0}
 
 
-def random_batch(data, cfg: Config, gen: torch.Generator):
-    idx = torch.randint(0, len(data[0]), (cfg.batch_size,), generator=gen).to(data[0].device)
-    return data[0][idx], data[1][idx]
-
-
 @torch.inference_mode()
 def denoiser_pass_seconds(net, n: int, cfg: Config, device, warmup: int, repeats: int) -> float:
     """Median time of one denoiser pass at batch n: the unit cost of every diffusion sampler."""
@@ -3600,7 +3791,10 @@ def verdict(ctx):
     """The run's end: its wall time, and an error if the checklist missed an item."""
     if ctx.cfg.benchmark:
         return
+    if ctx.results["models"]:
+        save_results(ctx)  # again, with the times of every cell
     print(f"run finished in {(time.perf_counter() - ctx.started) / 60:.1f} min")
+    flush_drive(ctx.cfg)
     misses = [item for item, ok, _ in ctx.results.get("checklist", []) if not ok]
     if misses:
         raise AssertionError("assignment checklist: missed " + "; ".join(misses))

@@ -94,7 +94,7 @@ def test_a_new_model_is_one_entry_and_one_section(nb, tiny_mnist, tmp_path, monk
 def test_papermill_parameters_run_the_notebook(tiny_mnist, tmp_path):
     """papermill -p sets the settings cell (tagged `parameters`); the rest comes from the environment."""
     out, executed = tmp_path / "pm-out", tmp_path / "executed.ipynb"
-    env = dict(os.environ, MNIST_GEN_N_SAMPLES="20", MNIST_GEN_PROGRESS="log")
+    env = dict(os.environ, MNIST_GEN_N_SAMPLES="20", MNIST_GEN_PROGRESS="off")
     proc = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), "-k", "python3",
                            "--cwd", str(tmp_path), "-p", "profile", "smoke", "-p", "models", "vae,gan,cgan,ddpm",
                            "-p", "epochs", "1", "-p", "data_root", str(tiny_mnist), "-p", "out", str(out)],

@@ -1,6 +1,7 @@
 """Unit tests of the notebook's definitions: shapes, losses, the diffusion maths, configuration."""
 import math
-import time
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -265,16 +266,27 @@ def test_scores_stay_in_unit_interval(nb):
     assert nb.efficiency_scores(costs) == pytest.approx({"a": 1.0, "b": 0.5})
 
 
-def test_peak_memory_sees_an_allocation(nb):
-    with nb.PeakMemory(torch.device("cpu")) as small:
-        time.sleep(0.05)
-    with nb.PeakMemory(torch.device("cpu")) as big:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
-        time.sleep(0.05)
-        del block
-    if small.mb is None:
+def test_peak_memory_sees_an_allocation():
+    """In a fresh process: in a long one the allocator reuses freed pages, and the resident size need not grow."""
+    from conftest import SCRIPT
+    code = f"""
+import importlib.util, sys, time, torch
+spec = importlib.util.spec_from_file_location("nb", {str(SCRIPT)!r})
+nb = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(nb)
+with nb.PeakMemory(torch.device("cpu")) as small:
+    time.sleep(0.05)
+with nb.PeakMemory(torch.device("cpu")) as big:
+    block = torch.ones(256 * 2**20 // 4)  # 256 MB, touched
+    time.sleep(0.05)
+    del block
+print(small.mb, big.mb)
+"""
+    small, big = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                check=True).stdout.split()
+    if small == "None":
         pytest.skip("no /proc on this platform")
-    assert big.mb >= small.mb + 50
+    assert float(big) >= float(small) + 200
 
 
 def test_vae_steering_draws_the_asked_class_codes(nb):
@@ -387,8 +399,8 @@ def test_every_setting_has_its_help_group_and_flag(nb):
     fields = nb.dataclasses.fields(nb.Config)
     assert all(f.metadata["help"] and f.metadata["group"] in nb.GROUPS for f in fields)
     assert nb.NOT_TRAINING_FIELDS == {f.name for f in fields if not f.metadata["train"]}
-    assert {"out", "epochs", "sampler", "ddim_steps", "resume"} <= nb.NOT_TRAINING_FIELDS
-    assert {"vae_width", "ddpm_lr", "seed", "amp"}.isdisjoint(nb.NOT_TRAINING_FIELDS)
+    assert {"out", "epochs", "sampler", "ddim_steps", "resume", "amp", "compile"} <= nb.NOT_TRAINING_FIELDS
+    assert {"vae_width", "ddpm_lr", "seed"}.isdisjoint(nb.NOT_TRAINING_FIELDS)
     help_text = nb.build_parser().format_help()
     for group in nb.GROUPS:  # grouped, each flag with its default and its environment variable
         assert f"\n{group}:\n" in help_text, group
