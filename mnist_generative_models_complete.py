@@ -95,6 +95,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,7 +112,6 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import warnings
 
 with warnings.catch_warnings():  # a kernel without ipywidgets gets text bars, and tqdm would warn about it
     warnings.simplefilter("ignore")
@@ -1330,7 +1330,7 @@ def random_batch(data, cfg: Config, gen: torch.Generator):
 
 def time_estimate(ctx: Run, name: str) -> dict:
     """How long `name` will take on this machine (None when it has nothing left to train): a throwaway copy
-    takes one warm-up and two timed training steps and draws once with a single network pass (at the export
+    takes two warm-up and three timed training steps and draws once with a single network pass (at the export
     batch and at the preview's); the epochs, the per-epoch samples, the export and the preview follow from
     those. The model then trains from its seed."""
     cfg, spec = ctx.cfg, MODELS[name]
@@ -1345,7 +1345,7 @@ def time_estimate(ctx: Run, name: str) -> dict:
     seed_everything(cfg.seed)
     model = build_trainer(name, cfg, ctx.device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step = float(np.median(time_calls(lambda: model.step(*random_batch(ctx.train, cfg, gen)), 1, 2, ctx.device)))
+    step = float(np.median(time_calls(lambda: model.step(*random_batch(ctx.train, cfg, gen)), 2, 3, ctx.device)))
     for module in model.modules:
         module.eval()
 
@@ -2884,13 +2884,14 @@ def timing_markdown(results: dict) -> list:
         "training s": m["train_seconds"], "per-epoch samples s": m.get("probe_seconds"),
         "export s": m["sample_seconds"], "measuring s": m.get("measure_seconds")}
         for n, m in results["models"].items()}, orient="index")
-    cells = pd.DataFrame.from_dict({name: {"wall s": s} for name, s in results.get("stage_seconds", {}).items()},
-                                   orient="index")
+    cells = pd.DataFrame.from_dict({name: {"wall s": s} for name, s in results.get("stage_seconds", {}).items()
+                                    if s >= 0.05}, orient="index")
     return ["## Where the time went", "",
             f"Per model (training without the per-epoch samples; the export of {results['config']['n_samples']} "
             "samples; the measurements of Part B):", "", markdown_table(parts), "",
-            "Per cell of the notebook, in order (a model's section holds its training, export and figures; the "
-            "last cells' times are added when the run ends):", "", markdown_table(cells.T), ""]
+            "Per cell of the notebook that did work, in order (a model's section holds its time estimate, "
+            "training, export and figures; the last cells' times are added when the run ends):", "",
+            markdown_table(cells), ""]
 
 
 def report_markdown(results: dict, table: pd.DataFrame, out: Path) -> str:
