@@ -165,10 +165,10 @@ class ModelSpec:
 
 MODELS = {
     "vae": ModelSpec("VAE", "VAETrainer", dict(smoke=1, cpu=10, full=30), "tab:blue", ("loss",)),
-    "gan": ModelSpec("GAN", "GANTrainer", dict(smoke=1, cpu=4, full=30), "tab:orange", ("G", "D")),
+    "gan": ModelSpec("GAN", "GANTrainer", dict(smoke=1, cpu=3, full=30), "tab:orange", ("G", "D")),
     "cgan": ModelSpec("cGAN", "GANTrainer", dict(smoke=1, cpu=4, full=30), "tab:green", ("G", "D"),
                       conditional=True),
-    "ddpm": ModelSpec("DDPM", "DDPMTrainer", dict(smoke=1, cpu=6, full=30), "tab:red", ("loss",),
+    "ddpm": ModelSpec("DDPM", "DDPMTrainer", dict(smoke=1, cpu=5, full=30), "tab:red", ("loss",),
                       log_curves=True),
     "wgan": ModelSpec("WGAN-GP", "WGANTrainer", dict(smoke=1, cpu=4, full=30), "tab:purple", ("W", "G"),
                       default=False, trends={"W": "Wasserstein estimate E[C(x)] - E[C(G(z))]"}),
@@ -179,11 +179,13 @@ MODELS = {
 
 @dataclass(frozen=True)
 class Sampler:
-    """How a diffusion model draws: `ddim` (strided, deterministic) with `steps` network passes, or
-    `ancestral` (the paper's T steps); `guidance` is a conditional model's weight w (None: its setting)."""
+    """How a diffusion model draws: `ddim` (strided) with `steps` network passes and noise `eta` (0:
+    deterministic; 1: as much fresh noise per jump as the ancestral sampler adds), or `ancestral` (the
+    paper's T steps); `guidance` is a conditional model's weight w (None: its setting)."""
     kind: str = "ddim"
     steps: int = 50
     guidance: float | None = None
+    eta: float = 0.0
 
 
 # %% [markdown]
@@ -291,6 +293,8 @@ class Config:
     sampler: str = setting("ddim", "DDPM export sampler: ddim (strided, deterministic) | ancestral (the paper's "
                                    "T steps)", "measuring", train=False)
     ddim_steps: int = setting(50, "network passes per DDIM sample", "measuring", train=False, profiles={"smoke": 5})
+    ddim_eta: float = setting(1.0, "DDIM noise: 0 deterministic, 1 the ancestral sampler's amount on each jump",
+                              "measuring", train=False)
     ancestral_preview: int = setting(10, "DDPM images also drawn with the T-step ancestral sampler (0 = none)",
                                      "measuring", train=False, profiles={"smoke": 0})
     eval_epochs: int = setting(2, "passes over the training set for the evaluator", "measuring", train=False,
@@ -299,11 +303,11 @@ class Config:
                                      "measuring", train=False, profiles={"smoke": 20})
     epoch_fid_ddpm_samples: int = setting(500, "the same for diffusion models, whose samples cost more",
                                           "measuring", train=False, profiles={"smoke": 20, "full": 1000})
-    epoch_fid_ddim_steps: int = setting(20, "DDIM steps of those per-epoch diffusion samples", "measuring",
-                                        train=False, profiles={"smoke": 2})
+    epoch_fid_ddim_steps: int = setting(10, "DDIM steps of those per-epoch diffusion samples", "measuring",
+                                        train=False, profiles={"smoke": 2, "full": 20})
     # opt-in studies (Part C)
-    sampler_study: bool = setting(False, "from the DDPM's weights: FID and time of ancestral-1000 and "
-                                         "DDIM-100/50/20/10", "studies", train=False)
+    sampler_study: bool = setting(False, "from the DDPM's weights: FID and time of ancestral-1000, "
+                                         "DDIM-100/50/20/10 and DDIM-100/50/20 with eta 1", "studies", train=False)
     sweep_steps: int = setting(0, ">0: latent-size and width sweeps of VAE and GAN, this many optimizer steps "
                                   "per setting", "studies", train=False)
     seeds: int = setting(1, ">1: train every model again with seeds seed+1, seed+2, ... and report the spread",
@@ -514,7 +518,7 @@ class Run:
     @property
     def export_sampler(self) -> Sampler:
         cfg = self.cfg
-        return Sampler(cfg.sampler, cfg.ddim_steps if cfg.sampler == "ddim" else cfg.ddpm_T)
+        return Sampler(cfg.sampler, cfg.ddim_steps if cfg.sampler == "ddim" else cfg.ddpm_T, eta=cfg.ddim_eta)
 
 
 STAGES = []  # the work cells, in the order they appear
@@ -868,8 +872,9 @@ def start(ctx):
 # untimed, from a random generator of their own; Part B turns them into a per-epoch FID.
 #
 # **Mixed precision.** On hardware with fast bfloat16 (CUDA GPUs from Ampere on, CPUs with AMX) the
-# forward passes run in bf16 under autocast and conv nets use the channels-last layout; on older GPUs
-# (Colab's T4) in fp16 with loss scaling; elsewhere in float32. Weights and optimizer states stay float32.
+# forward passes run in bf16 under autocast; on older GPUs (Colab's T4) in fp16 with loss scaling;
+# elsewhere in float32. Weights and optimizer states stay float32. Conv nets use the channels-last
+# layout with mixed precision and on every CPU, where its convolution kernels are faster.
 #
 # **Nothing lost.** After every epoch `fit` writes `checkpoints/<model>.pt` (a temporary file, then a
 # rename): weights, optimizer states, the epoch, the loss history, the per-epoch samples and the random
@@ -910,10 +915,11 @@ class LossScaler:
 
 
 def prepare(model: nn.Module, cfg: Config, device) -> nn.Module:
-    """Move to the device; with mixed precision, conv nets use the channels-last layout that fast
-    kernels prefer."""
+    """Move to the device; conv nets use the channels-last layout that fast kernels prefer, with mixed
+    precision and on any CPU (where it speeds up float32 convolutions as well; the benchmark, section C8,
+    times the steps)."""
     model = model.to(device)
-    if amp_enabled(cfg, device):
+    if amp_enabled(cfg, device) or device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -945,7 +951,7 @@ class History:
         self.seconds, self._start, self._mark, self._pending = 0.0, time.perf_counter(), 0, []
         self.paused = 0.0  # seconds spent drawing the per-epoch samples, not counted as training
         self.probes = []  # per epoch: the samples drawn after it (uint8 [n, 28, 28])
-        self.peak_memory_mb, self.memory_kind = None, None
+        self.peak_memory_mb, self.memory_kind, self.memory_parts = None, None, None
 
     def log(self, **losses):
         """Record one step; every FLUSH_EVERY steps return the latest values (else None)."""
@@ -982,12 +988,14 @@ class History:
 
     def as_dict(self):
         return {"epoch": self.epoch, "step": self.step, "train_seconds": self.seconds,
-                "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind}
+                "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind,
+                "memory_parts": self.memory_parts}
 
     def load(self, saved: dict, probes=None):
         """Continue from a checkpoint's as_dict(): the clock resumes from its training seconds."""
         self.step, self.epoch = saved["step"], saved["epoch"]
         self.peak_memory_mb, self.memory_kind = saved["peak_memory_mb"], saved["memory_kind"]
+        self.memory_parts = saved.get("memory_parts")
         self.seconds, self._mark = saved["train_seconds"], len(self.step[self.names[0]])
         self._start, self.paused = time.perf_counter() - self.seconds, 0.0
         self.probes = [] if probes is None else list(probes.numpy())
@@ -1010,52 +1018,79 @@ def time_calls(fn, warmup: int, repeats: int, device) -> list:
     return times
 
 
-def rss_mb():
-    """This process's resident memory now (Linux), else None."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, AttributeError):
-        return None
+def tensor_bytes(obj, seen: set) -> int:
+    """Bytes of the tensors in obj (a tensor, or dicts / lists / tuples of them); a storage already in
+    `seen` (shared by a view, or counted before) counts once."""
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def step_census(trainer, xb, yb) -> tuple:
+    """Run one training step and count the tensors it needs: the state of every part of the trainer
+    (weights, optimizer moments, an EMA copy), the gradients, and the activations autograd saved for the
+    step's backward passes (kept here until the step ends, so none of their storages is reused and
+    counted twice). Returns (the step's losses, MB per kind)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = trainer.step(xb, yb)
+    seen = set()
+    state = sum(tensor_bytes(part.state_dict(), seen) for part in trainer.parts.values()
+                if isinstance(part, (nn.Module, torch.optim.Optimizer)))
+    grads = sum(tensor_bytes(p.grad, seen) for m in trainer.modules for p in m.parameters() if p.grad is not None)
+    activations = tensor_bytes(saved, seen)
+    return losses, {"weights and optimizer state": state / 2**20, "gradients": grads / 2**20,
+                    "saved activations": activations / 2**20}
 
 
 class PeakMemory:
-    """Peak memory while the block runs: CUDA's peak allocated bytes on a GPU; on a CPU the
-    process's resident memory, sampled every 10 ms (it includes the data set and whatever earlier
-    steps left allocated). `mb` is None where neither can be read."""
+    """The memory one model needs to train, not the process's. On a GPU: CUDA's peak allocated bytes
+    while the block runs (reset when it starts). On a CPU the resident memory of the process also holds
+    Python, the data set and every model trained before, so the model is isolated by counting its
+    tensors instead: `step` runs the first training step through `step_census` (the state, gradients
+    and saved activations of one step at batch 128; short-lived temporaries are not counted).
+    `mb` is None until it was measured."""
+
+    CENSUS = "tensors of one training step (weights and optimizer state, gradients, saved activations)"
 
     def __init__(self, device: torch.device):
-        self.device, self.mb, self.kind = device, None, None
+        self.device, self.mb, self.parts = device, None, None
+        self.kind = "CUDA peak allocated" if device.type == "cuda" else self.CENSUS
 
     def __enter__(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.kind = "CUDA peak allocated"
-            return self
-        import threading
-        self._stop, self._peak = threading.Event(), rss_mb()
-        if self._peak is not None:
-            self.kind = "process resident memory, peak"
-            self._thread = threading.Thread(target=self._watch, daemon=True)
-            self._thread.start()
         return self
 
-    def _watch(self):
-        while not self._stop.wait(0.01):
-            self._peak = max(self._peak, rss_mb() or 0.0)
+    def step(self, trainer, xb, yb) -> dict:
+        """One training step; on a CPU the first one is counted."""
+        if self.device.type == "cuda" or self.parts is not None:
+            return trainer.step(xb, yb)
+        losses, self.parts = step_census(trainer, xb, yb)
+        self.mb = sum(self.parts.values())
+        return losses
 
     def so_far(self):
-        """The peak until now, in MB (None where it cannot be read)."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return self._peak
-
-    def __exit__(self, *exc):
+        """The peak until now, in MB (None before it was measured)."""
         if self.device.type == "cuda":
             self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self._peak is not None:
-            self._stop.set()
-            self._thread.join()
-            self.mb = max(self._peak, rss_mb() or 0.0)
+        return self.mb
+
+    def __exit__(self, *exc):
+        self.so_far()
         return False
 
 
@@ -1086,7 +1121,7 @@ def fit(trainer, data, cfg: Config, epochs: int, probe=None, gen: torch.Generato
             started = time.perf_counter()
             bar = progress_bar(total=steps_per_epoch(len(images), cfg), desc=f"{trainer.name} epoch {epoch + 1}/{epochs}")
             for xb, yb in batches(images, labels, cfg, gen):
-                losses = trainer.step(xb, yb)
+                losses = memory.step(trainer, xb, yb)
                 bar.update()
                 latest = hist.log(**losses)
                 if latest:
@@ -1101,8 +1136,11 @@ def fit(trainer, data, cfg: Config, epochs: int, probe=None, gen: torch.Generato
                 for module in trainer.modules:
                     module.train()
                 hist.paused += time.perf_counter() - t0
-            hist.peak_memory_mb = max(hist.peak_memory_mb or 0.0, memory.so_far() or 0.0) or None
-            hist.memory_kind = memory.kind
+            now = memory.so_far()
+            if now is not None:  # a checkpoint's figure of another kind is replaced, not compared
+                same = hist.memory_kind == memory.kind
+                hist.peak_memory_mb = max(hist.peak_memory_mb or 0.0, now) if same else now
+                hist.memory_kind, hist.memory_parts = memory.kind, memory.parts
             if checkpoint is not None:
                 save_checkpoint(checkpoint, **training_state(trainer, hist, gen, epochs, cfg))
             print(f"{trainer.name} epoch {hist.epochs_done}/{epochs}: "
@@ -1233,11 +1271,15 @@ def probe_size(model, cfg: Config, n_test: int) -> int:
 
 def epoch_probe(model, n: int) -> np.ndarray:
     """The per-epoch FID's samples: always the same noise (seed + 4), balanced classes for a conditional
-    model, DDIM with epoch_fid_ddim_steps for a diffusion model."""
+    model, DDIM with epoch_fid_ddim_steps (and ddim_eta) for a diffusion model."""
     cfg, spec = model.cfg, MODELS.get(model.name)
     asked = balanced_labels(n) if spec and spec.conditional else None
-    return draw(model, n, torch.Generator(model.device).manual_seed(cfg.seed + 4),
-                Sampler("ddim", cfg.epoch_fid_ddim_steps), asked)
+    return draw(model, n, torch.Generator(model.device).manual_seed(cfg.seed + 4), probe_sampler(cfg), asked)
+
+
+def probe_sampler(cfg: Config) -> Sampler:
+    """How a diffusion model draws its per-epoch samples: DDIM with fewer steps than the export."""
+    return Sampler("ddim", cfg.epoch_fid_ddim_steps, eta=cfg.ddim_eta)
 
 
 def train_model(ctx: Run, name: str, checkpoint: Path | None, cfg: Config | None = None, probes: bool = True,
@@ -1360,7 +1402,7 @@ def time_estimate(ctx: Run, name: str) -> dict:
     batch = min(SAMPLE_BATCH, cfg.n_samples)
     pass_s, probe_n = one_pass(batch), probe_size(model, cfg, len(ctx.test[0]))
     epoch = (steps_per_epoch(len(ctx.train[0]), cfg) * step
-             + pass_s * math.ceil(probe_n / batch) * passes(Sampler("ddim", cfg.epoch_fid_ddim_steps)))
+             + pass_s * math.ceil(probe_n / batch) * passes(probe_sampler(cfg)))
     export = pass_s * math.ceil(cfg.n_samples / batch) * passes(ctx.export_sampler)
     if previews(ctx, model, spec):
         export += one_pass(cfg.ancestral_preview) * cfg.ddpm_T
@@ -1750,7 +1792,11 @@ def cgan_section(ctx):
 #
 # **Sampling (DDIM, strided).** The same network also defines a deterministic path that
 # may skip steps: predict $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$,
-# then jump to an earlier $s < t$ with $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s}\,\varepsilon_\theta$.
+# then jump to an earlier $s < t$ with $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s-\sigma^2}\,\varepsilon_\theta + \sigma z$,
+# where $\sigma = \eta\sqrt{\frac{1-\bar\alpha_s}{1-\bar\alpha_t}\big(1-\frac{\bar\alpha_t}{\bar\alpha_s}\big)}$.
+# With $\eta = 0$ the path is deterministic; with $\eta = 1$ each jump adds as much fresh noise as the
+# ancestral sampler would over the same stretch, which lets later steps correct the errors of earlier
+# ones (the export uses the `ddim_eta` setting; the sampler study, section C3, compares both).
 # With 50 jumps instead of 1000 it is 20× cheaper, which is what a CPU can afford.
 #
 # ### Design choices for learning fast on a CPU
@@ -1930,10 +1976,18 @@ def ddim_timesteps(T: int, steps: int) -> list:
     return sorted({int(round(s)) for s in np.linspace(0, T - 1, steps)}, reverse=True)
 
 
+def ddim_sigma(ab_t, ab_s, eta: float):
+    """The noise of a DDIM jump from t to s < t: eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s).
+    For a one-step jump with eta = 1 its square is the ancestral sampler's beta~_t."""
+    return eta * ((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)).sqrt()
+
+
 @torch.inference_mode()
 def sample_ddim(model, sched: Schedule, n: int, gen: torch.Generator, device, steps: int = 50, progress=True,
-                y=None, w=0.0):
-    """Deterministic DDIM (eta = 0): predict x_0, then jump to the next (earlier) timestep."""
+                y=None, w=0.0, eta: float = 0.0):
+    """DDIM: predict x_0, then jump to the next (earlier) timestep s, keeping sqrt(1 - ab_s - sigma^2) of the
+    predicted noise and adding fresh noise sigma = ddim_sigma (eta = 0: deterministic; eta = 1: the ancestral
+    sampler's posterior noise over the same jump)."""
     x = torch.randn(n, 1, 28, 28, generator=gen, device=device)
     ts = ddim_timesteps(sched.T, steps)
     for i, t in enumerate(progress_bar(ts, desc=f"DDIM-{steps}", disable=not progress or BAR["disable"])):
@@ -1943,7 +1997,10 @@ def sample_ddim(model, sched: Schedule, n: int, gen: torch.Generator, device, st
         x0_hat = ((x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)  # x_0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)
         ab_s = sched.alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=device)
         eps = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()  # noise consistent with the clipped x0
-        x = ab_s.sqrt() * x0_hat + (1 - ab_s).sqrt() * eps  # x_s = sqrt(ab_s) x_0 + sqrt(1 - ab_s) eps
+        sigma = ddim_sigma(ab_t, ab_s, eta)
+        x = ab_s.sqrt() * x0_hat + (1 - ab_s - sigma ** 2).sqrt() * eps  # x_s = sqrt(ab_s) x_0 + sqrt(1-ab_s-s^2) eps
+        if eta > 0 and i + 1 < len(ts):
+            x = x + sigma * torch.randn(x.shape, generator=gen, device=device)  # + sigma z
     return x.clamp(-1, 1)
 
 
@@ -2013,15 +2070,16 @@ class DDPMTrainer:
         return self.ema.model if self.ema else self.model
 
     def sample(self, n, gen, labels=None, sampler=None, progress=False):
-        sampler = sampler or Sampler(self.cfg.sampler, self.cfg.ddim_steps)
+        sampler = sampler or Sampler(self.cfg.sampler, self.cfg.ddim_steps, eta=self.cfg.ddim_eta)
         w = self.cfg.cddpm_guidance if sampler.guidance is None else sampler.guidance
         y = labels if self.conditional else None
         if sampler.kind == "ancestral":
             return sample_ancestral(self.net, self.sched, n, gen, self.device, progress, y, w)
-        return sample_ddim(self.net, self.sched, n, gen, self.device, sampler.steps, progress, y, w)
+        return sample_ddim(self.net, self.sched, n, gen, self.device, sampler.steps, progress, y, w, sampler.eta)
 
     def sampler_note(self, sampler) -> str:
-        label = f"DDIM, {sampler.steps} steps" if sampler.kind == "ddim" else f"ancestral, {self.cfg.ddpm_T} steps"
+        label = (f"DDIM, {sampler.steps} steps" + (f", eta {sampler.eta:g}" if sampler.eta else "")
+                 if sampler.kind == "ddim" else f"ancestral, {self.cfg.ddpm_T} steps")
         w = self.cfg.cddpm_guidance if sampler.guidance is None else sampler.guidance
         return label + (f", guidance {w:g}" if self.conditional else "")
 
@@ -2075,7 +2133,7 @@ class Evaluator(nn.Module):
         return self.classify(self.features(x))
 
 
-EVALUATOR_VERSION = 2  # bump when the evaluator's architecture or training changes (invalidates the cache)
+EVALUATOR_VERSION = 3  # bump when the evaluator's architecture or training changes (invalidates the cache)
 
 
 def random_shift(x: torch.Tensor, gen: torch.Generator, pixels: int = 2) -> torch.Tensor:
@@ -2096,6 +2154,7 @@ class EvaluatorTrainer:
         self.lr = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=3e-3, total_steps=max(total_steps, 2))
         self.scaler = LossScaler(cfg, device)
         self.modules = (self.model,)
+        self.parts = {"evaluator": self.model, "opt": self.opt}
 
     def step(self, xb, yb) -> dict:
         with autocast(self.cfg, self.device):
@@ -2260,12 +2319,18 @@ def confusion(asked, probs: torch.Tensor) -> np.ndarray:
     return (counts / counts.sum(1, keepdim=True).clamp_min(1)).numpy()
 
 
+REDRAWN = "cannot be asked: redrawn until the digit appears"
+
+
 def control_from_hits(p_d, method: str, matrix=None) -> dict:
     """p_d = probability that one attempt yields digit d. Expected attempts per chosen digit:
-    mean_d 1/p_d (None when some digit never comes, and then the score is 0); control score: its inverse."""
+    mean_d 1/p_d (None when some digit never comes, and then the score is 0); control score: its inverse.
+    The hit rate, mean_d p_d, is kept only for a model that can be asked or steered: for a model that is
+    redrawn, p_d are its class shares and their mean is 1/10 whatever the model does."""
     p_d = np.asarray(p_d, dtype=float)
     attempts = float(np.mean(1 / p_d)) if (p_d > 0).all() else None  # None: some digit never comes
-    return {"method": method, "per_class_hit": p_d.tolist(), "hit_rate": float(p_d.mean()),
+    return {"method": method, "can_be_asked": method != REDRAWN, "per_class_hit": p_d.tolist(),
+            "hit_rate": float(p_d.mean()) if method != REDRAWN else None,
             "attempts_per_digit": attempts, "score": 1 / attempts if attempts else 0.0,
             "confusion": None if matrix is None else np.asarray(matrix).tolist()}
 
@@ -2301,7 +2366,17 @@ def controllability(ctx: Run, model, images, asked, probs) -> dict:
         steered = steer(model, means, stds, wanted, torch.Generator(ctx.device).manual_seed(model.cfg.seed + 6))
         matrix = confusion(wanted, predict(ctx.evaluator, steered))
         return control_from_hits(np.diag(matrix), "steered to the encoder's class mean", matrix)
-    return control_from_hits(class_stats(probs)["class_share"], "redrawn until the digit appears")
+    return control_from_hits(class_stats(probs)["class_share"], REDRAWN)
+
+
+def control_phrase(c: dict, thing: str = "digit") -> str:
+    """What a user gets per attempt: the hit rate of a model that can be asked or steered; for one that
+    cannot, the attempts a chosen class takes (its hit rate would be 1/10 by construction)."""
+    attempts = f"never draws some {thing}" if c["attempts_per_digit"] is None else \
+        f"{c['attempts_per_digit']:.1f} attempts per chosen {thing}"
+    if not c["can_be_asked"]:
+        return f"cannot be asked for a {thing} (redrawn: {attempts})"
+    return f"one attempt yields the chosen {thing} {100 * c['hit_rate']:.1f}% ({c['method']}; {attempts})"
 
 
 def sample_metrics(ctx: Run, model, images, asked) -> dict:
@@ -2337,6 +2412,17 @@ def seconds_per_image_at_batch_1(ctx: Run, trained: Trained) -> float:
 def epoch_fids(ctx: Run, probes: list) -> list:
     """The classifier-FID of each epoch's samples against as many reference digits."""
     return [frechet_distance(features(ctx.evaluator, p), ctx.ref_feats[:len(p)]) for p in probes]
+
+
+def epoch_drift(ctx: Run, probes: list) -> dict | None:
+    """How far the last epoch moved the model: the classifier-FID between the samples drawn after the last
+    two epochs, beside its noise, the same distance between as many real training and test digits (two
+    sets of one distribution differ by about that much). None with fewer than two epochs."""
+    if len(probes) < 2:
+        return None
+    n = len(probes[-1])
+    return {"fid": frechet_distance(features(ctx.evaluator, probes[-2]), features(ctx.evaluator, probes[-1])),
+            "noise": frechet_distance(features(ctx.evaluator, ctx.train[0][:n].cpu()), ctx.ref_feats[:n]), "n": n}
 
 
 @torch.inference_mode()
@@ -2377,8 +2463,9 @@ def measure_model(ctx: Run, trained: Trained) -> dict:
         "sample_batch": min(SAMPLE_BATCH, cfg.n_samples), "seconds_per_image": trained.sample_seconds / cfg.n_samples,
         "seconds_per_image_batch1": seconds_per_image_at_batch_1(ctx, trained),
         "peak_memory_mb": hist.peak_memory_mb, "peak_memory_kind": hist.memory_kind,
-        "epoch_fid": epoch_fids(ctx, hist.probes),
-        "epoch_fid_note": f"{probe_n} samples" + (f", DDIM-{cfg.epoch_fid_ddim_steps}" if model.uses_sampler else ""),
+        "memory_parts": hist.memory_parts,
+        "epoch_fid": epoch_fids(ctx, hist.probes), "epoch_drift": epoch_drift(ctx, hist.probes),
+        "epoch_fid_note": f"{probe_n} samples" + (f", {model.sampler_note(probe_sampler(cfg))}" if model.uses_sampler else ""),
         "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}, "epoch_loss": hist.epoch,
         "probe_seconds": hist.paused, **trained.extras}
     entry.update(sample_metrics(ctx, model, trained.samples, trained.asked))
@@ -2407,8 +2494,7 @@ def measure_section(ctx):
         m = ctx.results["models"][name] = measure_model(ctx, trained)
         m["measure_seconds"] = time.perf_counter() - t0
         print(f"{trained.spec.title}: classifier-FID {m['fid']:.1f} (floor {ctx.results['real_test']['fid_floor']:.1f}), "
-              f"precision {m['precision']:.2f}, recall {m['recall']:.2f}, one attempt yields the chosen digit "
-              f"{100 * m['control']['hit_rate']:.1f}% ({m['control']['method']}), "
+              f"precision {m['precision']:.2f}, recall {m['recall']:.2f}, {control_phrase(m['control'])}, "
               f"{1000 * m['seconds_per_image_batch1']:.2f} ms per image at batch 1")
 
 
@@ -2418,42 +2504,81 @@ def measure_section(ctx):
 # Each axis becomes a score from 0 (worst) to 1 (best) by one formula, the same for every model,
 # from the numbers measured above (no constant is set per model):
 #
-# * **clarity** $= \frac{1}{3}\Big(\min\big(1, \frac{\mathrm{FID}_\text{floor}}{\mathrm{FID}}\big) + \text{precision} +
-#   \min\big(\frac{s}{s_\text{real}}, \frac{s_\text{real}}{s}\big)\Big)$, with $s$ the sharpness;
+# * **clarity** $= \frac{1}{2}\Big(\mathrm{clip}\big(1 - \frac{\log(\mathrm{FID}/\mathrm{FID}_\text{floor})}{\log 20}\big)
+#   + \mathrm{clip}\big(\frac{\mathrm{IS} - 1}{\mathrm{IS}_\text{real} - 1}\big)\Big)$. FID counts on a log scale
+#   between the floor (1) and `CLARITY_WORST` = 20× the floor (0), so halving the FID gains as much anywhere; the Inception
+#   Score adds "is each image confidently one digit". Precision and sharpness are shown beside it, not
+#   mixed in: precision rewards blurred but typical digits, sharpness punishes speckle like blur. How well
+#   the score's order agrees with FID's is printed with it (Spearman's $\rho$);
 # * **controllability** $= 1 \big/ \frac{1}{10}\sum_d \frac{1}{p_d}$, the inverse of the expected number of
-#   attempts to get a chosen digit (0.1 for a model that draws every digit equally often at random);
+#   attempts to get a chosen digit. A model that cannot be asked (GAN, DDPM) has only its class shares as
+#   $p_d$: at best 10 attempts, a score of at most 0.1, and no hit rate (its mean share is $\frac{1}{10}$
+#   whatever it draws);
 # * **stability** $= \frac{1}{4}\Big(\text{coverage} + \text{recall} + \min(1, 10\,\text{smallest class share}) +
-#   \frac{\min_e \mathrm{FID}_e}{\mathrm{FID}_\text{last epoch}}\Big)$: no digit missing, MNIST's variety covered,
-#   and training that ends at its best epoch rather than after it;
+#   \min\big(1, \frac{\text{noise}}{\text{drift}}\big)\Big)$: no digit missing, MNIST's variety covered, and
+#   training that has settled: *drift* is the FID between the samples drawn after the last two epochs,
+#   *noise* the FID between as many real training and test digits (what two draws of one distribution differ by);
 # * **efficiency** $= \frac{1}{4}\sum_{c} \frac{1}{1 + \log_{10}(c / c_\text{min})}$ over four costs $c$: training
-#   seconds, seconds per image at batch 1000 and at batch 1, and peak memory, each against the
-#   cheapest model of this run ($c_\text{min}$); 10× the cheapest cost scores 0.5, 100× scores 0.33.
+#   seconds, seconds per image at batch 1000 and at batch 1, and the memory to train (CUDA's peak on a GPU;
+#   on a CPU the model's own tensors in one training step), each against the cheapest model of this run
+#   ($c_\text{min}$); 10× the cheapest cost scores 0.5, 100× scores 0.33.
 #
 # The table holds the raw numbers beside the scores.
 
 # %%
+CLARITY_WORST = 20  # an FID this many times the floor, or worse, scores 0 on clarity's FID term
 SCORE_FORMULAS = {
-    "clarity": "mean of min(1, FID_floor / FID), precision, min(s / s_real, s_real / s) with s the sharpness",
+    "clarity": f"mean of 1 - log(FID / FID_floor) / log({CLARITY_WORST}) (clipped to 0-1: the floor scores 1, "
+               f"{CLARITY_WORST}x the floor 0) and (IS - 1) / (IS_real - 1) (clipped), IS the classifier "
+               "Inception Score",
     "control": "1 / mean_d(1 / p_d), p_d = probability that one attempt yields digit d (0 if some p_d = 0)",
-    "stability": "mean of coverage, recall, min(1, 10 * smallest class share), min epoch FID / last epoch FID",
+    "stability": "mean of coverage, recall, min(1, 10 * smallest class share), min(1, noise / drift) with drift "
+                 "the FID between the samples of the last two epochs and noise that between two sets of real "
+                 "digits of that size",
     "efficiency": "mean over costs c in (train seconds, seconds per image at batch 1000, at batch 1, "
-                  "peak memory) of 1 / (1 + log10(c / cheapest model's c))",
+                  "memory to train: CUDA's peak on a GPU, the model's tensors in one training step on a CPU) of "
+                  "1 / (1 + log10(c / cheapest model's c))",
 }
 EFFICIENCY_COSTS = ("train_seconds", "seconds_per_image", "seconds_per_image_batch1", "peak_memory_mb")
 
 
+def fid_term(fid: float, floor: float) -> float:
+    """1 at the floor, 0 at CLARITY_WORST x the floor, linear in log FID between: halving the FID gains
+    as much anywhere on the scale."""
+    return float(np.clip(1 - math.log(max(fid, 1e-12) / floor) / math.log(CLARITY_WORST), 0.0, 1.0))
+
+
+def inception_term(inception: float, real_inception: float) -> float:
+    """1 for real digits' Inception Score, 0 for a score of 1 (one class, or no confident class)."""
+    return float(np.clip((inception - 1) / max(real_inception - 1, 1e-12), 0.0, 1.0))
+
+
 def clarity_score(m: dict, real: dict) -> float:
-    s, s_real = m["sharpness"], real["sharpness"]
-    sharp = min(s / s_real, s_real / s) if s > 0 else 0.0
-    return float(np.mean([min(1.0, real["fid_floor"] / m["fid"]), m["precision"], sharp]))
+    return float(np.mean([fid_term(m["fid"], real["fid_floor"]),
+                          inception_term(m["inception_score"], real["inception_score"])]))
+
+
+def drift_term(drift: dict | None):
+    """min(1, noise / drift): 1 when the last epoch moved the samples no more than sampling noise does."""
+    return None if drift is None else float(min(1.0, drift["noise"] / max(drift["fid"], 1e-12)))
 
 
 def stability_score(m: dict) -> float:
-    curve = m["epoch_fid"]
     terms = [m["coverage"], m["recall"], min(1.0, 10 * m["smallest_class_share"])]
-    if curve:  # no per-epoch samples (a checkpoint from before they were kept): left out
-        terms.append(min(curve) / curve[-1])
+    settled = drift_term(m.get("epoch_drift"))
+    if settled is not None:  # one epoch only, or a checkpoint without per-epoch samples: left out
+        terms.append(settled)
     return float(np.mean(terms))
+
+
+def clarity_agreement(results: dict):
+    """Spearman's rank correlation between the clarity scores and -FID over the models (None below 3)."""
+    models = results["models"]
+    if len(models) < 3:
+        return None
+    rho = pd.Series([results["scores"][n]["clarity"] for n in models]).corr(
+        pd.Series([-m["fid"] for m in models.values()]), method="spearman")
+    return None if np.isnan(rho) else round(float(rho), 6)
 
 
 def efficiency_scores(models: dict) -> dict:
@@ -2486,12 +2611,15 @@ def metrics_table(results: dict) -> pd.DataFrame:
             "clarity_fid": m["fid"], "clarity_inception_score": m["inception_score"],
             "clarity_precision": m["precision"], "clarity_sharpness": m["sharpness"],
             "clarity_confidence": m["confidence"], "clarity_score": s["clarity"],
-            "control_hit_rate": m["control"]["hit_rate"],
+            "control_hit_rate": m["control"]["hit_rate"] if m["control"]["hit_rate"] is not None else float("nan"),
             "control_attempts_per_digit": m["control"]["attempts_per_digit"] or float("inf"),
             "control_score": s["control"],
             "stability_coverage": m["coverage"], "stability_smallest_class_share": m["smallest_class_share"],
             "stability_recall": m["recall"], "stability_best_epoch_fid": min(curve),
-            "stability_last_epoch_fid": curve[-1], "stability_score": s["stability"],
+            "stability_last_epoch_fid": curve[-1],
+            "stability_last_epoch_drift_fid": (m.get("epoch_drift") or {}).get("fid", float("nan")),
+            "stability_drift_noise_fid": (m.get("epoch_drift") or {}).get("noise", float("nan")),
+            "stability_score": s["stability"],
             "efficiency_train_seconds": m["train_seconds"], "efficiency_seconds_per_epoch": m["seconds_per_epoch"],
             "efficiency_train_images_per_second": m["train_images_per_second"],
             "efficiency_parameters": m["parameters"],
@@ -2523,12 +2651,15 @@ def scores_section(ctx):
         return
     results = ctx.results
     results["scores"] = axis_scores(results)
+    results["clarity_fid_spearman"] = clarity_agreement(results)
     table = metrics_table(results)
     results["analysis"] = table.to_dict(orient="index")
     scores = pd.DataFrame(results["scores"]).T.rename(index=title)
     print("scores (0-1):\n" + scores.to_string(float_format=lambda v: f"{v:.3f}"))
     for axis, formula in SCORE_FORMULAS.items():
         print(f"  {axis} = {formula}")
+    if results["clarity_fid_spearman"] is not None:
+        print(f"  clarity ranks the models as FID does with Spearman rho {results['clarity_fid_spearman']:.2f}")
     print(table.T.rename(columns=title).to_string(float_format=lambda v: f"{v:.4g}"))
 
 
@@ -2713,6 +2844,7 @@ def write_metrics(results: dict, table: pd.DataFrame, out: Path):
                         "n_samples": cfg["n_samples"], "seeds": cfg["seeds"]},
         "evaluator_test_accuracy": results["evaluator"]["test_accuracy"],
         "failed": results["failed"], "score_formulas": SCORE_FORMULAS, "scores": results["scores"],
+        "clarity_fid_spearman": results.get("clarity_fid_spearman"),
         "titles": {n: title(n) for n in results["models"]},
         "table": json.loads(table.to_json(orient="index")),
         "control": {n: m["control"] for n, m in results["models"].items()},
@@ -2763,11 +2895,13 @@ def clarity_text(results: dict) -> str:
     text += (f"Classifier Inception Score (1 to 10, real {thing}s " + f"{real['inception_score']:.2f}): "
              + ", ".join(f"{title(n)} {m[n]['inception_score']:.2f}" for n in by_is) + ".")
     by_score = sorted(m, key=lambda n: -results["scores"][n]["clarity"])
-    if by_score != by_fid:
-        text += (" The clarity score (FID against the floor, precision and sharpness together) ranks "
-                 + ", ".join(f"{title(n)} {results['scores'][n]['clarity']:.3f}" for n in by_score)
-                 + f", which differs from the FID order: precision rewards typical-looking {thing}s even when "
-                   "blurred, and sharpness penalises speckle as much as blur.")
+    rho = results.get("clarity_fid_spearman")
+    text += (" The clarity score (FID on a log scale between the floor and "
+             f"{CLARITY_WORST}x the floor, with the Inception Score) ranks "
+             + ", ".join(f"{title(n)} {results['scores'][n]['clarity']:.3f}" for n in by_score)
+             + (f"; Spearman's rho with the FID order {rho:.2f}." if rho is not None else ".")
+             + (" Precision and sharpness stay out of it: precision rewards typical-looking "
+                f"{thing}s even when blurred, and sharpness penalises speckle as much as blur."))
     if by_is[0] != by_fid[0]:
         text += (f" FID and Inception Score disagree on the best model ({title(by_fid[0])} vs "
                  f"{title(by_is[0])}): IS rewards confident, balanced classes, FID the whole feature distribution.")
@@ -2781,13 +2915,15 @@ def control_text(results: dict) -> str:
     for n in sorted(m, key=lambda n: -m[n]["control"]["score"]):
         c = m[n]["control"]
         hits = np.asarray(c["per_class_hit"])
-        attempts = f"never gets some {thing}" if c["attempts_per_digit"] is None else \
-            f"needs {c['attempts_per_digit']:.1f} attempts per chosen {thing} on average"
-        parts.append(f"{title(n)} ({c['method']}) yields the chosen {thing} {100 * c['hit_rate']:.1f}% of the "
-                     f"time and {attempts} (score {c['score']:.3f}); its hardest {thing} is "
-                     f"{classes[int(hits.argmin())]} ({100 * hits.min():.1f}%)")
-    return "; ".join(parts) + (f". A model drawing every {thing} equally often at random would need 10 attempts "
-                               "(score 0.1).")
+        hardest = (f"its hardest {thing} is {classes[int(hits.argmin())]} ({100 * hits.min():.1f}%)" if c["can_be_asked"]
+                   else f"its rarest {thing} is {classes[int(hits.argmin())]} ({100 * hits.min():.1f}% of its samples), "
+                        f"its commonest {classes[int(hits.argmax())]} ({100 * hits.max():.1f}%)")
+        parts.append(f"{title(n)} {control_phrase(c, thing)}, score {c['score']:.3f}; {hardest}")
+    redrawn = [title(n) for n in m if not m[n]["control"]["can_be_asked"]]
+    return "; ".join(parts) + "." + (
+        f" {', '.join(redrawn)} cannot be asked for a {thing} at all: a user redraws until it appears, so the "
+        f"attempts follow from its class shares alone (10 when all ten are equally common, more when one is "
+        f"rare), and a score above 0.1 is impossible for them." if redrawn else "")
 
 
 def efficiency_text(results: dict) -> str:
@@ -2805,10 +2941,13 @@ def efficiency_text(results: dict) -> str:
              f"{m[slow]['seconds_per_image_batch1'] / m[quick]['seconds_per_image_batch1']:.0f}x slower than "
              f"{title(quick)}. Parameters: " + ", ".join(f"{title(n)} {m[n]['parameters']:,}" for n in m) + ". ")
     if all(m[n]["peak_memory_mb"] for n in m):
-        text += (f"Peak memory ({m[fastest]['peak_memory_kind']}): "
-                 + ", ".join(f"{title(n)} {m[n]['peak_memory_mb']:.0f} MB" for n in m) + ".")
+        def parts(n):
+            split = m[n].get("memory_parts")
+            return f" ({', '.join(f'{k} {v:.1f}' for k, v in split.items())})" if split else ""
+        text += (f"Memory to train, per model ({m[fastest]['peak_memory_kind']}): "
+                 + ", ".join(f"{title(n)} {m[n]['peak_memory_mb']:.1f} MB{parts(n)}" for n in m) + ".")
     else:
-        text += "Peak memory: not measurable on this platform (no CUDA and no /proc), left out of the score."
+        text += "Memory: not measured for every model (see the end of the report), left out of the score."
     return text
 
 
@@ -2830,8 +2969,11 @@ def stability_text(results: dict) -> str:
             continue
         best = int(np.argmin(curve))
         rises = sum(1 for a, b in zip(curve, curve[1:]) if b > a)
+        drift = m[n].get("epoch_drift")
+        moved = (f"; its last epoch moved its samples by an FID of {drift['fid']:.1f} against {drift['noise']:.1f} "
+                 f"between two real sets of {drift['n']} (stability term {drift_term(drift):.2f})" if drift else "")
         text += (f"{title(n)}: FID per epoch {curve[0]:.1f} -> {curve[-1]:.1f}, best at epoch {best + 1} of "
-                 f"{len(curve)}, {rises} rise(s) between epochs. ")
+                 f"{len(curve)}, {rises} rise(s) between epochs{moved}. ")
     text += "Last-epoch mean losses: " + "; ".join(
         f"{title(n)} " + ", ".join(f"{k} {m[n]['final_epoch_loss'][k]:.2f}" for k in MODELS[n].curves) for n in m) + ". "
     for n in m:
@@ -2928,7 +3070,7 @@ def report_markdown(results: dict, table: pd.DataFrame, out: Path) -> str:
     for name, caption in report_figures(results):
         if (out / name).is_file():
             lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]
-    missing = [f"{title(n)}: peak memory (no CUDA and no /proc on this platform)"
+    missing = [f"{title(n)}: memory to train (loaded from a checkpoint that does not hold it)"
                for n, m in results["models"].items() if m["peak_memory_mb"] is None]
     missing += [f"{title(n)}: per-epoch FID (its checkpoint predates the per-epoch samples)"
                 for n, m in results["models"].items() if not m["epoch_fid"]]
@@ -3258,7 +3400,8 @@ def cddpm_section(ctx):
 
 # %%
 SAMPLER_STUDY = (Sampler("ancestral", 1000), Sampler("ddim", 100), Sampler("ddim", 50), Sampler("ddim", 20),
-                 Sampler("ddim", 10))
+                 Sampler("ddim", 10), Sampler("ddim", 100, eta=1.0), Sampler("ddim", 50, eta=1.0),
+                 Sampler("ddim", 20, eta=1.0))
 
 
 def sampler_study(ctx: Run, trained: Trained) -> dict:
@@ -3270,7 +3413,7 @@ def sampler_study(ctx: Run, trained: Trained) -> dict:
         images, seconds = timed_draw(trained.model, n, cfg.seed + 8, sampler)
         feats = features(ctx.evaluator, images)
         precision, recall = precision_recall(ctx.ref_feats, feats)
-        rows[label] = {"sampler": sampler.kind,
+        rows[label] = {"sampler": sampler.kind, "eta": sampler.eta,
                        "network_passes": cfg.ddpm_T if sampler.kind == "ancestral" else sampler.steps,
                        "fid": frechet_distance(feats, ctx.ref_feats), "precision": precision, "recall": recall,
                        "seconds_per_image": seconds}
@@ -3281,7 +3424,8 @@ def sampler_study(ctx: Run, trained: Trained) -> dict:
 def plot_sampler_study(rows: dict, path: Path, n: int):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (label, r) in enumerate(rows.items()):
-        ax.scatter(1000 * r["seconds_per_image"], r["fid"], s=50, color="tab:red" if r["sampler"] == "ddim" else "k")
+        colour = "k" if r["sampler"] == "ancestral" else "tab:purple" if r.get("eta") else "tab:red"
+        ax.scatter(1000 * r["seconds_per_image"], r["fid"], s=50, color=colour)
         ax.annotate(label, (1000 * r["seconds_per_image"], r["fid"]), fontsize=8,
                     xytext=(5, 6 if i % 2 else -13), textcoords="offset points")  # alternate: neighbours do not overlap
     ax.set_xscale("log")
@@ -3297,9 +3441,20 @@ def sampler_study_markdown(results: dict) -> list:
                                      "precision": r["precision"], "recall": r["recall"],
                                      "ms per image": 1000 * r["seconds_per_image"]}
                                  for k, r in st["samplers"].items()}, orient="index")
+    ancestral = [r["fid"] for r in st["samplers"].values() if r["sampler"] == "ancestral"]
+    cheap = {k: r for k, r in st["samplers"].items() if r["network_passes"] <= 50}
+    verdict = ""
+    if ancestral and cheap:
+        best = min(cheap, key=lambda k: cheap[k]["fid"])
+        gap = cheap[best]["fid"] / ancestral[0] - 1
+        verdict = (f" The best sampler of at most 50 network passes, {best}, scores {cheap[best]['fid']:.1f}: "
+                   f"{100 * abs(gap):.0f}% {'above' if gap > 0 else 'below'} the ancestral sampler's "
+                   f"{ancestral[0]:.1f}, with {st['samplers'][best]['network_passes']} passes instead of "
+                   f"{max(r['network_passes'] for r in st['samplers'].values())}.")
     return study_markdown("DDPM samplers from the same weights",
                           f"{st['n']} samples per sampler at batch {st['batch']}, from the EMA weights of the run's "
-                          "DDPM.", df, "sampler_study.png")
+                          "DDPM. eta is DDIM's fresh noise per jump (0: deterministic; 1: the ancestral sampler's "
+                          "amount)." + verdict, df, "sampler_study.png")
 
 
 @stage
@@ -3685,7 +3840,8 @@ def benchmark_model(ctx: Run, name: str, warmup: int, repeats: int) -> dict:
             build_trainer(name, cfg, device)
         sampling = not evaluator and trainer.uses_sampler
         n_steps = repeats if sampling else 3 * repeats  # the fast models get more repeats
-        step = time_calls(lambda: trainer.step(*random_batch(ctx.train, cfg, gen)), warmup, n_steps, device)
+        step = time_calls(lambda: memory.step(trainer, *random_batch(ctx.train, cfg, gen)), max(1, warmup), n_steps,
+                          device)
         for module in trainer.modules:
             module.eval()
         sample_gen = torch.Generator(device).manual_seed(cfg.seed + 1)

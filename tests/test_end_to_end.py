@@ -46,7 +46,7 @@ def check_outputs(out, n_samples):
         assert m["train_seconds"] > 0 and m["parameters"] > 0 and np.isfinite(m["fid"]), name
         assert len(results["histories"][name]["epoch"]["G" if "gan" in name else "loss"]) == 1
         assert len(m["epoch_fid"]) == 1 and m["seconds_per_image_batch1"] > 0 and m["peak_memory_mb"] > 0
-        assert m["peak_memory_kind"] == "process resident memory, peak"
+        assert m["peak_memory_kind"].startswith("tensors of one training step") and m["epoch_drift"] is None
     check_metrics_files(out, {"vae", "gan", "cgan", "ddpm"})
     return results
 

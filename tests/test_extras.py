@@ -196,7 +196,9 @@ def test_extra_models_and_studies_smoke_run(tiny_mnist, tmp_path):
     assert set(guidance) == {"0", "1", "3"}
     assert all(0 <= r["accuracy"] <= 1 and r["fid"] >= 0 and r["seconds_per_image"] > 0 for r in guidance.values())
     samplers = results["sampler_study"]["samplers"]
-    assert [r["network_passes"] for r in samplers.values()] == [1000, 100, 50, 20, 10]
+    assert [(r["network_passes"], r["eta"]) for r in samplers.values()] == [
+        (1000, 0.0), (100, 0.0), (50, 0.0), (20, 0.0), (10, 0.0), (100, 1.0), (50, 1.0), (20, 1.0)]
+    assert len(set(samplers)) == 8  # each row named apart ("DDIM, 50 steps, eta 1")
     assert all(r["fid"] >= 0 and r["seconds_per_image"] > 0 for r in samplers.values())
     rows = results["sweeps"]["rows"]
     assert len(rows) == 16 and all(r["steps"] == 2 and r["fid"] >= 0 and r["train_seconds"] > 0 for r in rows)

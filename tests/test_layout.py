@@ -79,7 +79,7 @@ def test_a_new_model_is_one_entry_and_one_section(nb, tiny_mnist, tmp_path, monk
     assert table.loc["toy", ["clarity_fid", "control_score", "stability_score", "efficiency_score"]].notna().all()
     toy = json.loads((out / "results.json").read_text())["models"]["toy"]
     assert toy["sampler"] == "one linear pass" and len(toy["epoch_fid"]) == 1
-    assert toy["control"]["method"] == "redrawn until the digit appears"
+    assert toy["control"]["method"] == nb.REDRAWN and toy["control"]["hit_rate"] is None
     assert "Toy" in (out / "REPORT.md").read_text()
     items = {item[:1]: (ok, evidence) for item, ok, evidence in ctx.results["checklist"]}
     assert all(ok for ok, _ in items.values()) and items["7"][1].startswith("3 figures")  # vae, toy, comparison
