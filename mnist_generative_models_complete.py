@@ -2415,14 +2415,15 @@ def epoch_fids(ctx: Run, probes: list) -> list:
 
 
 def epoch_drift(ctx: Run, probes: list) -> dict | None:
-    """How far the last epoch moved the model: the classifier-FID between the samples drawn after the last
-    two epochs, beside its noise, the same distance between as many real training and test digits (two
-    sets of one distribution differ by about that much). None with fewer than two epochs."""
+    """How far the last epoch moved the model: the classifier-FID between the samples drawn from the same
+    noise after the last two epochs, beside the same distance between as many real training and test digits
+    (`real_gap`: how far two draws of one distribution lie apart). None with fewer than two epochs."""
     if len(probes) < 2:
         return None
     n = len(probes[-1])
     return {"fid": frechet_distance(features(ctx.evaluator, probes[-2]), features(ctx.evaluator, probes[-1])),
-            "noise": frechet_distance(features(ctx.evaluator, ctx.train[0][:n].cpu()), ctx.ref_feats[:n]), "n": n}
+            "real_gap": frechet_distance(features(ctx.evaluator, ctx.train[0][:n].cpu()), ctx.ref_feats[:n]),
+            "n": n}
 
 
 @torch.inference_mode()
@@ -2515,9 +2516,11 @@ def measure_section(ctx):
 #   $p_d$: at best 10 attempts, a score of at most 0.1, and no hit rate (its mean share is $\frac{1}{10}$
 #   whatever it draws);
 # * **stability** $= \frac{1}{4}\Big(\text{coverage} + \text{recall} + \min(1, 10\,\text{smallest class share}) +
-#   \min\big(1, \frac{\text{noise}}{\text{drift}}\big)\Big)$: no digit missing, MNIST's variety covered, and
-#   training that has settled: *drift* is the FID between the samples drawn after the last two epochs,
-#   *noise* the FID between as many real training and test digits (what two draws of one distribution differ by);
+#   \frac{g}{g + \text{drift}}\Big)$: no digit missing, MNIST's variety covered, and training that has
+#   settled. *drift* is the FID between the samples drawn from the same noise after the last two epochs
+#   (how far the last epoch moved the model), $g$ the FID between as many real training and test digits
+#   (what two draws of one distribution differ by): the term is 1 for a model that stopped moving and
+#   $\frac{1}{2}$ for one whose last epoch moved it as far as two real draws differ;
 # * **efficiency** $= \frac{1}{4}\sum_{c} \frac{1}{1 + \log_{10}(c / c_\text{min})}$ over four costs $c$: training
 #   seconds, seconds per image at batch 1000 and at batch 1, and the memory to train (CUDA's peak on a GPU;
 #   on a CPU the model's own tensors in one training step), each against the cheapest model of this run
@@ -2532,9 +2535,9 @@ SCORE_FORMULAS = {
                f"{CLARITY_WORST}x the floor 0) and (IS - 1) / (IS_real - 1) (clipped), IS the classifier "
                "Inception Score",
     "control": "1 / mean_d(1 / p_d), p_d = probability that one attempt yields digit d (0 if some p_d = 0)",
-    "stability": "mean of coverage, recall, min(1, 10 * smallest class share), min(1, noise / drift) with drift "
-                 "the FID between the samples of the last two epochs and noise that between two sets of real "
-                 "digits of that size",
+    "stability": "mean of coverage, recall, min(1, 10 * smallest class share), g / (g + drift) with drift the "
+                 "FID between the samples drawn from the same noise after the last two epochs and g that between "
+                 "two sets of real digits of that size",
     "efficiency": "mean over costs c in (train seconds, seconds per image at batch 1000, at batch 1, "
                   "memory to train: CUDA's peak on a GPU, the model's tensors in one training step on a CPU) of "
                   "1 / (1 + log10(c / cheapest model's c))",
@@ -2559,8 +2562,9 @@ def clarity_score(m: dict, real: dict) -> float:
 
 
 def drift_term(drift: dict | None):
-    """min(1, noise / drift): 1 when the last epoch moved the samples no more than sampling noise does."""
-    return None if drift is None else float(min(1.0, drift["noise"] / max(drift["fid"], 1e-12)))
+    """g / (g + drift): 1 when the last epoch left the samples as they were, 1/2 when it moved them as far
+    as two draws of real digits differ (g), towards 0 beyond."""
+    return None if drift is None else float(drift["real_gap"] / (drift["real_gap"] + drift["fid"]))
 
 
 def stability_score(m: dict) -> float:
@@ -2618,7 +2622,7 @@ def metrics_table(results: dict) -> pd.DataFrame:
             "stability_recall": m["recall"], "stability_best_epoch_fid": min(curve),
             "stability_last_epoch_fid": curve[-1],
             "stability_last_epoch_drift_fid": (m.get("epoch_drift") or {}).get("fid", float("nan")),
-            "stability_drift_noise_fid": (m.get("epoch_drift") or {}).get("noise", float("nan")),
+            "stability_real_gap_fid": (m.get("epoch_drift") or {}).get("real_gap", float("nan")),
             "stability_score": s["stability"],
             "efficiency_train_seconds": m["train_seconds"], "efficiency_seconds_per_epoch": m["seconds_per_epoch"],
             "efficiency_train_images_per_second": m["train_images_per_second"],
@@ -2970,8 +2974,9 @@ def stability_text(results: dict) -> str:
         best = int(np.argmin(curve))
         rises = sum(1 for a, b in zip(curve, curve[1:]) if b > a)
         drift = m[n].get("epoch_drift")
-        moved = (f"; its last epoch moved its samples by an FID of {drift['fid']:.1f} against {drift['noise']:.1f} "
-                 f"between two real sets of {drift['n']} (stability term {drift_term(drift):.2f})" if drift else "")
+        moved = (f"; its last epoch moved its samples (same noise) by an FID of {drift['fid']:.1f}, against "
+                 f"{drift['real_gap']:.1f} between two real sets of {drift['n']} (stability term "
+                 f"{drift_term(drift):.2f})" if drift else "")
         text += (f"{title(n)}: FID per epoch {curve[0]:.1f} -> {curve[-1]:.1f}, best at epoch {best + 1} of "
                  f"{len(curve)}, {rises} rise(s) between epochs{moved}. ")
     text += "Last-epoch mean losses: " + "; ".join(

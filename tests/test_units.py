@@ -252,7 +252,7 @@ def test_controllability_of_obedient_and_deaf_generators(nb):
 
 
 def fake_model_metrics(rng):
-    drift = {"fid": rng.uniform(1, 500), "noise": rng.uniform(1, 100), "n": 1000} if rng.uniform() < 0.8 else None
+    drift = {"fid": rng.uniform(0, 500), "real_gap": rng.uniform(1, 100), "n": 1000} if rng.uniform() < 0.8 else None
     return {"fid": rng.uniform(0.01, 1000), "inception_score": rng.uniform(1, 10), "precision": rng.uniform(),
             "recall": rng.uniform(), "sharpness": rng.uniform(0, 0.5), "coverage": rng.uniform(),
             "smallest_class_share": rng.uniform(0, 0.1), "epoch_drift": drift, "train_seconds": rng.uniform(0.1, 5000),
@@ -278,7 +278,7 @@ def test_scores_stay_in_unit_interval(nb):
             assert all(0.0 <= s[a] <= 1.0 for a in ("clarity", "control", "stability", "efficiency")), s
     m = fake_model_metrics(rng)
     best = dict(m, fid=50.0, inception_score=9.6, coverage=1.0, recall=1.0, smallest_class_share=0.1,
-                epoch_drift={"fid": 40.0, "noise": 50.0, "n": 1000})
+                epoch_drift={"fid": 0.0, "real_gap": 50.0, "n": 1000})
     assert nb.clarity_score(best, REAL) == pytest.approx(1.0)
     assert nb.stability_score(best) == pytest.approx(1.0)
     costs = {"a": dict(m, train_seconds=1, seconds_per_image=1, seconds_per_image_batch1=1, peak_memory_mb=1),
@@ -311,9 +311,10 @@ def test_clarity_falls_as_fid_rises_on_a_log_scale(nb):
 
 def test_stability_falls_as_the_last_epoch_moves_the_samples_more(nb):
     m = {"coverage": 0.9, "recall": 0.8, "smallest_class_share": 0.07}
-    drifts = [30, 50, 100, 200, 400]
-    scores = [nb.stability_score(dict(m, epoch_drift={"fid": d, "noise": 50.0, "n": 1000})) for d in drifts]
-    assert scores[0] == scores[1] and all(a > b for a, b in zip(scores[1:], scores[2:]))
+    drifts = [0, 5, 50, 200, 400]
+    scores = [nb.stability_score(dict(m, epoch_drift={"fid": d, "real_gap": 50.0, "n": 1000})) for d in drifts]
+    assert all(a > b for a, b in zip(scores, scores[1:]))
+    assert nb.drift_term({"fid": 0.0, "real_gap": 50.0}) == 1.0 and nb.drift_term({"fid": 50.0, "real_gap": 50.0}) == 0.5
     # one epoch only: the term is left out, not counted as settled
     assert nb.stability_score(dict(m, epoch_drift=None)) == pytest.approx((0.9 + 0.8 + 0.7) / 3)
 
