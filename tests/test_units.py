@@ -25,6 +25,21 @@ def test_model_shapes(nb):
     assert nb.Evaluator()(x).shape == (4, 10)
 
 
+def test_discriminator_label_maps_equal_stacked_planes(nb):
+    """The cGAN's D adds one precomputed map per class instead of convolving ten constant planes:
+    the same logits as stacking the planes, and the same gradients for every weight."""
+    torch.manual_seed(0)
+    D = nb.Discriminator(10, width=16)
+    x, y = torch.randn(6, 1, 28, 28), nb.one_hot(torch.tensor([0, 1, 4, 4, 7, 9]))
+    stacked = D.net(torch.cat([x, y[:, :, None, None].expand(-1, -1, 28, 28)], dim=1)).squeeze(1)
+    shortcut = D(x, y)
+    assert torch.allclose(shortcut, stacked, atol=1e-5)
+    grad_stacked = torch.autograd.grad(stacked.sum(), D.net[0].weight)[0]
+    grad_shortcut = torch.autograd.grad(shortcut.sum(), D.net[0].weight)[0]
+    assert torch.allclose(grad_shortcut, grad_stacked, atol=1e-5)
+    assert D.net[0].in_channels == 11  # the assignment's "D sees image + label" still holds
+
+
 def test_generator_range_and_export_convention(nb):
     images = nb.Generator(100)(torch.randn(8, 100))
     assert images.min() >= -1 and images.max() <= 1  # tanh
