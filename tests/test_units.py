@@ -27,7 +27,7 @@ def test_model_shapes(nb):
 
 def test_discriminator_label_maps_equal_stacked_planes(nb):
     """The cGAN's D adds one precomputed map per class instead of convolving ten constant planes:
-    the same logits as stacking the planes, and the same gradients for every weight."""
+    the same logits as stacking the planes, and the same gradients for the first layer's weights."""
     torch.manual_seed(0)
     D = nb.Discriminator(10, width=16)
     x, y = torch.randn(6, 1, 28, 28), nb.one_hot(torch.tensor([0, 1, 4, 4, 7, 9]))
