@@ -485,7 +485,7 @@ def test_every_setting_has_its_help_group_and_flag(nb):
         assert f"\n{group}:\n" in help_text, group
     assert "MNIST_GEN_DATA_ROOT" in help_text and "U-Net channels" in help_text
     assert "(default: 50, smoke 5;" in " ".join(help_text.split())  # ddim_steps, with its smoke value
-    assert "cpu: vae 10, gan 3, cgan 4, ddpm 5" in " ".join(help_text.split())  # epochs per profile
+    assert "cpu: vae 10, gan 3, cgan 8, ddpm 5" in " ".join(help_text.split())  # epochs per profile
     assert "--vae-lr" not in help_text  # fixed by the assignment: no flag
 
 
