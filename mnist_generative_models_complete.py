@@ -1632,8 +1632,9 @@ def vae_section(ctx):
 # (`gan_d_width`): telling real from fake is the easier task, and a $D$ as wide as $G$ wins the game
 # early (its loss falls while $G$'s rises); since $D$ runs three times per step (on real digits, on
 # fakes, and for $G$'s loss), it also takes most of each step's time. The narrower $D$ still gives $G$ a
-# useful gradient, and the time it saves buys more epochs. Images live in $[-1, 1]$ (tanh output). Sharp digits, but nothing forces $G$ to cover every digit: if it
-# finds one that fools $D$ it may keep drawing it (**mode collapse**).
+# useful gradient, and the time it saves buys more epochs. Images live in $[-1, 1]$ (tanh output).
+# Sharp digits, but nothing forces $G$ to cover every digit: if it finds one that fools $D$ it may keep
+# drawing it (**mode collapse**).
 
 # %%
 class Generator(nn.Module):
@@ -3513,7 +3514,8 @@ def sampler_study_section(ctx):
 # The VAE and the GAN trained again for N optimizer steps each, with latent size 5, 10, 50, 100 (the
 # VAE's $z$, the GAN's noise) and base width 32, 64, 128, 256 (the VAE decoder's and the GAN generator's
 # channels at 14×14; sections 4 and 5), everything else at its setting; classifier-FID of `n_samples`
-# samples and training time against each setting. Equal steps, not equal time: a wider net costs more per step.
+# samples and training time against each setting. Equal steps, not equal time: a wider net costs more
+# per step.
 
 # %%
 SWEEPS = {"latent": (5, 10, 50, 100), "width": (32, 64, 128, 256)}
