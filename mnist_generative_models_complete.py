@@ -266,7 +266,7 @@ class Config:
     # GAN and cGAN
     gan_noise: int = setting(100, "size of the GAN's noise vector (assignment: 100)", "models", flag=False)
     gan_width: int = setting(64, "G's channels at 14x14 (2x at 7x7, 1/4 at 28x28)", "models")
-    gan_d_width: int = setting(32, "D's and the WGAN-GP critic's channels at 14x14 (2x at 7x7)", "models")
+    gan_d_width: int = setting(32, "the GAN's and cGAN's D channels at 14x14 (2x at 7x7)", "models")
     gan_lr: float = setting(2e-4, "Adam learning rate of G and D (assignment: 2e-4)", "models", flag=False)
     gan_beta1: float = setting(0.5, "Adam beta1 of the GANs (0.5 is the usual choice)", "models", flag=False)
     cgan_real_target: float = setting(0.9, "the cGAN's target for real images (one-sided label smoothing)",
@@ -276,6 +276,7 @@ class Config:
                              flag=False)
     wgan_n_critic: int = setting(5, "WGAN-GP critic steps (batches) per generator step", "models")
     wgan_gp: float = setting(10.0, "WGAN-GP lambda, the weight of the gradient penalty", "models")
+    wgan_critic_width: int = setting(64, "WGAN-GP critic channels at 14x14 (2x at 7x7)", "models")
     # DDPM and cDDPM
     ddpm_T: int = setting(1000, "diffusion steps of the forward process", "models", flag=False)
     ddpm_beta_start: float = setting(1e-4, "noise variance added at the first step", "models", flag=False)
@@ -432,7 +433,8 @@ def validate(cfg: Config) -> None:
     need(cfg.vae_latent >= 2 and cfg.vae_width >= 1 and cfg.gan_width >= 4 and cfg.gan_d_width >= 1,
          "vae_latent must be 2 or more, vae_width 1 or more, gan_width 4 or more (G keeps gan_width / 4 "
          "channels at 28x28), gan_d_width 1 or more")
-    need(cfg.wgan_n_critic >= 1 and cfg.wgan_gp >= 0, "wgan_n_critic must be 1 or more, wgan_gp 0 or more")
+    need(cfg.wgan_n_critic >= 1 and cfg.wgan_gp >= 0 and cfg.wgan_critic_width >= 1,
+         "wgan_n_critic must be 1 or more, wgan_gp 0 or more, wgan_critic_width 1 or more")
     need(cfg.cddpm_guidance >= 0, "cddpm_guidance must be 0 (no guidance) or more")
     need(cfg.sweep_steps >= 0, "sweep_steps must be 0 (off) or more")
     need(not cfg.sampler_study or "ddpm" in cfg.models,
@@ -3242,7 +3244,8 @@ def checklist_section(ctx):
 # with $\lambda = 10$. The penalty is per image, so the critic is the GAN's discriminator without batch
 # norm (which would mix the images of a batch). The critic must be near its optimum for $W$ to be a
 # good estimate, so it takes `wgan_n_critic` = 5 steps (batches) per generator step, with Adam at
-# $10^{-4}$, $\beta = (0, 0.9)$. The report lists the per-epoch mean of
+# $10^{-4}$, $\beta = (0, 0.9)$; for the same reason it keeps the full width (`wgan_critic_width`) where the
+# GAN's $D$ has half. The report lists the per-epoch mean of
 # $\hat W = \mathbb E[C(x)] - \mathbb E[C(\tilde x)]$: unlike the GAN's losses it should fall as the samples improve.
 
 # %%
@@ -3293,7 +3296,7 @@ class WGANTrainer:
     def __init__(self, name: str, cfg: Config, device):
         self.name, self.cfg, self.device = name, cfg, device
         self.G = prepare(Generator(cfg.gan_noise, 0, cfg.gan_width), cfg, device)
-        self.C = prepare(Discriminator(0, cfg.gan_d_width, batch_norm=False), cfg, device)
+        self.C = prepare(Discriminator(0, cfg.wgan_critic_width, batch_norm=False), cfg, device)
         self.opt_g = adam(self.G.parameters(), cfg.wgan_lr, device, (0.0, 0.9))
         self.opt_c = adam(self.C.parameters(), cfg.wgan_lr, device, (0.0, 0.9))
         self.scaler_g, self.scaler_c = LossScaler(cfg, device), LossScaler(cfg, device)

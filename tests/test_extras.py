@@ -138,6 +138,8 @@ def test_checkpoint_without_a_newer_setting_still_resumes(nb, tiny_mnist, tmp_pa
     (["--dataset", "cifar"], "use mnist or fashion"),
     (["--models", "vae", "--sampler-study"], "sampler_study needs the DDPM"),
     (["--wgan-n-critic", "0"], "wgan_n_critic"),
+    (["--wgan-critic-width", "0"], "wgan_critic_width 1 or more"),
+    (["--gan-d-width", "0"], "gan_d_width 1 or more"),
     (["--cddpm-guidance", "-1"], "cddpm_guidance"),
     (["--sweep-steps", "-1"], "sweep_steps"),
     (["--vae-latent", "1"], "vae_latent"),
