@@ -47,6 +47,7 @@ def run(args, cwd):
     return proc
 
 
+@pytest.mark.e2e
 def test_smoke_profile_end_to_end_on_cuda(tiny_mnist, tmp_path):
     out = tmp_path / "out"
     proc = run(["--data-root", str(tiny_mnist), "--out", str(out), "--device", "cuda", "--n-samples", "30"], tmp_path)
@@ -56,6 +57,7 @@ def test_smoke_profile_end_to_end_on_cuda(tiny_mnist, tmp_path):
     assert all(m["peak_memory_kind"] == "CUDA peak allocated" for m in results["models"].values())
 
 
+@pytest.mark.e2e
 def test_checkpoints_move_between_cpu_and_cuda(tiny_mnist, tmp_path):
     base = ["--models", "vae,gan,ddpm", "--data-root", str(tiny_mnist), "--max-batches", "3"]
     out = tmp_path / "cpu-then-cuda"

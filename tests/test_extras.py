@@ -1,8 +1,6 @@
 """The opt-in models and studies of issue 5: WGAN-GP, the class-conditional DDPM with classifier-free
 guidance, the sampler study, the latent and width sweeps, and Fashion-MNIST."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -10,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import SCRIPT, make_mnist_root, started
+from conftest import check_epoch_drift, check_metrics_files, in_process, make_mnist_root
 
 
 # --- WGAN-GP -------------------------------------------------------------------------
@@ -48,7 +46,8 @@ def test_critic_and_generator_losses(nb):
 
 
 def test_wgan_takes_one_generator_step_per_n_critic(nb):
-    cfg = nb.make_config(["--profile", "smoke", "--wgan-n-critic", "3"], env={})
+    cfg = nb.make_config(["--profile", "smoke", "--wgan-n-critic", "3", "--gan-width", "8", "--wgan-critic-width",
+                          "8"], env={})
     torch.manual_seed(0)
     trainer = nb.build_trainer("wgan", cfg, torch.device("cpu"))
     images, labels = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.arange(16) % 10
@@ -121,9 +120,10 @@ def test_widths_and_defaults_keep_the_assignment_models(nb):
     assert nb.Discriminator(0, 128)(torch.rand(2, 1, 28, 28)).shape == (2,)
 
 
-def test_checkpoint_without_a_newer_setting_still_resumes(nb, tiny_mnist, tmp_path):
-    cfg = nb.make_config(["--profile", "smoke", "--data-root", str(tiny_mnist), "--out", str(tmp_path)], env={})
-    nb.train_model(started(nb, cfg), "vae", tmp_path / "vae.pt")
+@pytest.mark.e2e
+def test_checkpoint_without_a_newer_setting_still_resumes(nb, smoke_ctx, tmp_path):
+    cfg = smoke_ctx.cfg
+    nb.train_model(smoke_ctx, "vae", tmp_path / "vae.pt")
     state = torch.load(tmp_path / "vae.pt", weights_only=True)
     for name in ("vae_width", "dataset", "gan_width"):  # as a checkpoint from before these settings existed
         del state["config"][name]
@@ -177,33 +177,24 @@ def test_fashion_loads_from_its_own_folder_and_says_how_to_get_it(nb, tmp_path, 
     assert "FashionMNIST/raw" in str(err.value)
 
 
-def run_script(args, cwd):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--profile", "smoke", *args],
-                          capture_output=True, text=True, timeout=600, cwd=cwd)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def test_extra_models_and_studies_smoke_run(tiny_mnist, tmp_path):
+@pytest.mark.e2e
+def test_extra_models_and_studies_smoke_run(nb, tiny_mnist, tmp_path, capsys):
+    """The opt-in models and the studies that need them, in one run at the smallest sizes that reach every
+    branch: a narrow U-Net and one optimizer step per sweep setting. The sampler study has a run of its own."""
     out = tmp_path / "out"
-    proc = run_script(["--data-root", str(tiny_mnist), "--out", str(out), "--n-samples", "20",
-                       "--models", "ddpm,wgan,cddpm", "--sampler-study", "--sweep-steps", "2",
-                       "--reference-ddpm"], tmp_path)
-    assert "assignment checklist: all items met" in proc.stdout
+    _, said = in_process(nb, ["--profile", "smoke", "--data-root", str(tiny_mnist), "--out", str(out),
+                              "--n-samples", "20", "--models", "ddpm,wgan,cddpm", "--ddpm-width", "8",
+                              "--sweep-steps", "1", "--reference-ddpm"], capsys)
+    assert "assignment checklist: all items met" in said
     results = json.loads((out / "results.json").read_text())
-    assert set(results["models"]) == {"ddpm", "wgan", "cddpm"}
+    assert set(results["models"]) == {"ddpm", "wgan", "cddpm"} and "sampler_study" not in results
     wgan = results["models"]["wgan"]
     assert len(wgan["epoch_loss"]["W"]) == 1 and np.isfinite(wgan["epoch_loss"]["W"][0])
     guidance = results["guidance_study"]["weights"]
     assert set(guidance) == {"0", "1", "3"}
     assert all(0 <= r["accuracy"] <= 1 and r["fid"] >= 0 and r["seconds_per_image"] > 0 for r in guidance.values())
-    samplers = results["sampler_study"]["samplers"]
-    assert [(r["network_passes"], r["eta"]) for r in samplers.values()] == [
-        (1000, 0.0), (100, 0.0), (50, 0.0), (20, 0.0), (10, 0.0), (100, 1.0), (50, 1.0), (20, 1.0)]
-    assert len(set(samplers)) == 8  # each row named apart ("DDIM, 50 steps, eta 1")
-    assert all(r["fid"] >= 0 and r["seconds_per_image"] > 0 for r in samplers.values())
     rows = results["sweeps"]["rows"]
-    assert len(rows) == 16 and all(r["steps"] == 2 and r["fid"] >= 0 and r["train_seconds"] > 0 for r in rows)
+    assert len(rows) == 16 and all(r["steps"] == 1 and r["fid"] >= 0 and r["train_seconds"] > 0 for r in rows)
     assert {(r["field"], r["value"]) for r in rows} >= {("vae_latent", 5), ("gan_width", 256)}
     reference = results["reference_ddpm"]
     assert reference["steps"] >= 1 and reference["fid"] >= 0 and reference["parameters"] > 0
@@ -213,25 +204,57 @@ def test_extra_models_and_studies_smoke_run(tiny_mnist, tmp_path):
         assert data["images"].shape == (20, 28, 28) and counts.min() == counts.max() == 2
     state = torch.load(out / "checkpoints" / "wgan.pt", weights_only=True)
     assert {"generator", "critic", "critic_steps"} <= set(state)
-    for figure in ("wgan_samples.png", "cddpm_grid.png", "cddpm_guidance.png", "sampler_study.png", "sweeps.png",
-                   "reference_ddpm.png"):
+    for figure in ("wgan_samples.png", "cddpm_grid.png", "cddpm_guidance.png", "sweeps.png", "reference_ddpm.png"):
         assert (out / figure).stat().st_size > 1000, figure
+    assert not (out / "sampler_study.png").exists()
     report = (out / "REPORT.md").read_text()
-    for heading in ("## cDDPM: classifier-free guidance", "## DDPM samplers from the same weights",
-                    "## Latent-size and width sweeps", "WGAN-GP Wasserstein estimate",
-                    "## The slower DDPM design at equal training time"):
+    for heading in ("## cDDPM: classifier-free guidance", "## Latent-size and width sweeps",
+                    "WGAN-GP Wasserstein estimate", "## The slower DDPM design at equal training time"):
         assert heading in report, heading
+    assert "## DDPM samplers from the same weights" not in report
     assert "nan" not in report.lower()
 
 
-def test_fashion_smoke_run(tmp_path):
+@pytest.mark.e2e
+def test_sampler_study_smoke_run(nb, tiny_mnist, tmp_path, capsys):
+    """The sampler study alone (1,350 network passes per image, so a narrow U-Net): eight samplers from the
+    same weights, each row named apart, with its figure and its section of the report."""
+    out = tmp_path / "out"
+    _, said = in_process(nb, ["--profile", "smoke", "--data-root", str(tiny_mnist), "--out", str(out),
+                              "--n-samples", "20", "--models", "ddpm", "--ddpm-width", "8", "--sampler-study"],
+                         capsys)
+    assert "assignment checklist: all items met" in said
+    results = json.loads((out / "results.json").read_text())
+    samplers = results["sampler_study"]["samplers"]
+    assert [(r["network_passes"], r["eta"]) for r in samplers.values()] == [
+        (1000, 0.0), (100, 0.0), (50, 0.0), (20, 0.0), (10, 0.0), (100, 1.0), (50, 1.0), (20, 1.0)]
+    assert len(set(samplers)) == 8  # each row named apart ("DDIM, 50 steps, eta 1")
+    assert all(r["fid"] >= 0 and r["seconds_per_image"] > 0 for r in samplers.values())
+    assert results["sampler_study"]["n"] == 20
+    assert (out / "sampler_study.png").stat().st_size > 1000
+    report = (out / "REPORT.md").read_text()
+    assert "## DDPM samplers from the same weights" in report and "nan" not in report.lower()
+
+
+@pytest.mark.e2e
+def test_fashion_smoke_run_with_two_seeds(nb, tmp_path, capsys):
+    """Fashion-MNIST end to end (its long class names in every figure), one epoch each; and the seeds study:
+    every model trained again with seed 43, the spread reported."""
     root = make_fashion_root(tmp_path / "data")
     out = tmp_path / "out"
-    proc = run_script(["--dataset", "fashion", "--data-root", str(root), "--out", str(out), "--n-samples", "20",
-                       "--models", "vae,cgan"], tmp_path)
-    assert "1 data: Fashion-MNIST 28x28" in proc.stdout and "assignment checklist: all items met" in proc.stdout
+    _, said = in_process(nb, ["--profile", "smoke", "--dataset", "fashion", "--data-root", str(root), "--out",
+                              str(out), "--n-samples", "20", "--models", "vae,cgan", "--seeds", "2"], capsys)
+    assert "1 data: Fashion-MNIST 28x28" in said and "assignment checklist: all items met" in said
     table = pd.read_csv(out / "metrics.csv", index_col="model")
-    assert set(table.index) == {"vae", "cgan", "real Fashion-MNIST"}
     report = (out / "REPORT.md").read_text()
     assert "on Fashion-MNIST" in report and "Fashion-MNIST test images" in report
-    assert json.loads((out / "results.json").read_text())["config"]["dataset"] == "fashion"
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["dataset"] == "fashion"
+    spread = results["seed_spread"]
+    assert set(spread) == {"vae", "cgan"}
+    for s in spread.values():
+        assert s["seeds"] == [42, 43] and len(s["fid"]) == 2 and s["summary"]["fid"]["std"] >= 0
+    assert table.loc[["vae", "cgan"], "stability_seed_fid_std"].notna().all()
+    for m in results["models"].values():
+        check_epoch_drift(m, 1)
+    check_metrics_files(out, {"vae", "cgan"}, real="real Fashion-MNIST")

@@ -1,7 +1,6 @@
 """The notebook's layout: a model is one entry in MODELS plus one section, the settings cell takes papermill's
 parameters, and the committed notebook carries the outputs of a real run."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -9,12 +8,12 @@ import sys
 import nbformat
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import NOTEBOOK, ROOT
-from test_end_to_end import FIGURES, check_outputs
+from conftest import FIGURES, NOTEBOOK, ROOT, SMOKE_EPOCHS, SMOKE_SAMPLES, check_outputs
 
 
 class ToyTrainer:
@@ -63,6 +62,7 @@ def with_toy(nb, monkeypatch):
     monkeypatch.setattr(nb, "STAGES", stages)
 
 
+@pytest.mark.e2e
 def test_a_new_model_is_one_entry_and_one_section(nb, tiny_mnist, tmp_path, monkeypatch):
     with_toy(nb, monkeypatch)
     out = tmp_path / "out"
@@ -92,26 +92,20 @@ def test_a_new_model_is_one_entry_and_one_section(nb, tiny_mnist, tmp_path, monk
     assert row["parameters"] == 8 * 784 + 784 and row["step_seconds_median"] > 0 and not bench.models
 
 
-def test_papermill_parameters_run_the_notebook(tiny_mnist, tmp_path):
-    """papermill -p sets the settings cell (tagged `parameters`); the rest comes from the environment."""
-    out, executed = tmp_path / "pm-out", tmp_path / "executed.ipynb"
-    env = dict(os.environ, MNIST_GEN_N_SAMPLES="20", MNIST_GEN_PROGRESS="off")
-    proc = subprocess.run([sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), "-k", "python3",
-                           "--cwd", str(tmp_path), "-p", "profile", "smoke", "-p", "models", "vae,gan,cgan,ddpm",
-                           "-p", "epochs", "1", "-p", "data_root", str(tiny_mnist), "-p", "out", str(out)],
-                          capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    notebook = nbformat.read(executed, as_version=4)
-    text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+@pytest.mark.e2e
+def test_papermill_parameters_run_the_notebook(notebook_run):
+    """papermill -p sets the settings cell (tagged `parameters`); the rest comes from the environment. The run
+    (conftest's notebook_run, which other tests read too) shows each model's results in its own section."""
+    text, notebook = notebook_run.text, notebook_run.notebook
     assert "run: profile smoke" in text and "code commit: " in text
     assert "assignment checklist: all items met" in text
-    check_outputs(out, 20)
+    check_outputs(notebook_run.out, SMOKE_SAMPLES, SMOKE_EPOCHS)
     images = sum(1 for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
                  if "image/png" in o.get("data", {}))
     assert images >= len(FIGURES) + 4  # each model's losses in its section, and every figure, shown inline
     vae_cell = next(c for c in notebook.cells if c.cell_type == "code" and "def vae_section" in c.source)
     assert sum("image/png" in o.get("data", {}) for o in vae_cell.outputs) == 2  # shown right there
-    assert "vae epoch 1/1" in "".join(o.get("text", "") for o in vae_cell.outputs)
+    assert f"vae epoch 1/{SMOKE_EPOCHS}" in "".join(o.get("text", "") for o in vae_cell.outputs)
 
 
 def test_committed_notebook_holds_a_real_run():

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import NOTEBOOK, SCRIPT, started
+from conftest import NOTEBOOK, SCRIPT, SMOKE_EPOCHS, in_process, smoke_args, started
 
 
 def fake_colab(monkeypatch, calls):
@@ -23,6 +23,7 @@ def fake_colab(monkeypatch, calls):
     monkeypatch.setitem(sys.modules, "google.colab", colab)
 
 
+@pytest.mark.e2e
 def test_drive_is_mounted_first_and_flushed_last(nb, tiny_mnist, tmp_path, monkeypatch, capsys):
     calls = []
     fake_colab(monkeypatch, calls)
@@ -35,9 +36,8 @@ def test_drive_is_mounted_first_and_flushed_last(nb, tiny_mnist, tmp_path, monke
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(nb, "fit", fit)
-    cfg = nb.make_config(["--profile", "smoke", "--models", "vae", "--data-root", str(tiny_mnist), "--out", "o",
-                          "--drive", "MyDrive/mnist-gen"], env={})
-    ctx = nb.run(nb.Run(cfg))
+    ctx = in_process(nb, ["--profile", "smoke", "--models", "vae", "--data-root", str(tiny_mnist), "--out", "o",
+                          "--drive", "MyDrive/mnist-gen"])
     out = tmp_path / "drive" / "MyDrive" / "mnist-gen" / "o"
     assert calls[0] == ("mount", str(tmp_path / "drive")) and calls[-1] == ("flush",) and len(calls) == 2
     assert ctx.out == out and (out / "REPORT.md").is_file() and (out / "checkpoints" / "vae.pt").is_file()
@@ -53,25 +53,25 @@ def test_colab_without_drive_says_what_a_disconnect_loses(nb, tiny_mnist, tmp_pa
 
 
 def train(nb, ctx, name, path, *flags):
-    cfg = nb.make_config(["--profile", "smoke", "--data-root", str(ctx.cfg.data_root), "--out", str(ctx.out),
-                          "--max-batches", "2", *flags], env={})
+    """One batch an epoch: a CPU takes seconds for one fp16 step (it emulates float16)."""
+    cfg = nb.make_config(["--profile", "smoke", "--data-root", str(ctx.cfg.data_root), "--out", str(path.parent),
+                          "--max-batches", "1", *flags], env={})
     return nb.train_model(ctx, name, path, cfg)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("first, then", [("fp16", "off"), ("off", "fp16"), ("bf16", "fp16"), ("fp16", "bf16")])
-def test_resume_across_precisions(nb, tiny_mnist, tmp_path, first, then):
-    ctx = started(nb, nb.make_config(["--profile", "smoke", "--data-root", str(tiny_mnist), "--out",
-                                      str(tmp_path)], env={}))
+def test_resume_across_precisions(nb, smoke_ctx, tmp_path, first, then):
     path = tmp_path / "vae.pt"
-    train(nb, ctx, "vae", path, "--amp", first, "--epochs", "1")
-    trained = train(nb, ctx, "vae", path, "--amp", then, "--epochs", "2", "--resume")
+    train(nb, smoke_ctx, "vae", path, "--amp", first, "--epochs", "1", "--vae-width", "8")
+    trained = train(nb, smoke_ctx, "vae", path, "--amp", then, "--epochs", "2", "--vae-width", "8", "--resume")
     assert trained.history.epochs_done == 2 and all(torch.isfinite(torch.tensor(trained.history.step["loss"])))
     assert (trained.model.scaler.scaler is not None) == (then == "fp16")
 
 
-def test_generator_state_from_another_device(nb, tiny_mnist, tmp_path, capsys):
-    ctx = started(nb, nb.make_config(["--profile", "smoke", "--data-root", str(tiny_mnist), "--out",
-                                      str(tmp_path)], env={}))
+@pytest.mark.e2e
+def test_generator_state_from_another_device(nb, smoke_ctx, tmp_path, capsys):
+    ctx = smoke_ctx
     path = tmp_path / "ddpm.pt"
     train(nb, ctx, "ddpm", path, "--epochs", "1", "--ddpm-width", "16")
     state = torch.load(path, weights_only=True)
@@ -92,12 +92,12 @@ def test_bf16_is_refused_below_ampere(nb, monkeypatch):
     assert nb.amp_dtype(nb.Config(), torch.device("cuda")) == torch.float16  # what auto picks on a T4
 
 
-def test_non_finite_loss_under_mixed_precision_names_amp_off(nb, tiny_mnist, tmp_path, monkeypatch):
+@pytest.mark.e2e
+def test_non_finite_loss_under_mixed_precision_names_amp_off(nb, smoke_ctx, tmp_path, monkeypatch):
     real_step = nb.VAETrainer.step
     monkeypatch.setattr(nb.VAETrainer, "step", lambda self, xb, yb: {k: v * float("nan") for k, v in
                                                                      real_step(self, xb, yb).items()})
-    ctx = started(nb, nb.make_config(["--profile", "smoke", "--data-root", str(tiny_mnist), "--out",
-                                      str(tmp_path)], env={}))
+    ctx = smoke_ctx
     with pytest.raises(FloatingPointError, match=r"lower its learning rate, or train in float32 \(--amp off"):
         train(nb, ctx, "vae", tmp_path / "a.pt", "--amp", "bf16")
     with pytest.raises(FloatingPointError, match=r"lower its learning rate$"):
@@ -123,7 +123,8 @@ def test_gradient_penalty_is_right_under_fp16(nb):
 
 
 def test_wgan_steps_under_fp16_loss_scaling(nb):
-    cfg = nb.make_config(["--profile", "smoke", "--amp", "fp16"], env={})
+    cfg = nb.make_config(["--profile", "smoke", "--amp", "fp16", "--gan-width", "8", "--wgan-critic-width", "8"],
+                         env={})  # narrow: a CPU emulates float16, slowly
     torch.manual_seed(0)
     trainer = nb.build_trainer("wgan", cfg, torch.device("cpu"))
     images, labels = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8), torch.arange(16) % 10
@@ -140,29 +141,28 @@ def test_the_notebook_asks_colab_for_a_gpu(tmp_path):
     assert nbformat.read(again, as_version=4).metadata["accelerator"] == "GPU"
 
 
+@pytest.mark.e2e
 def test_a_failure_while_running_keeps_its_own_exit_status(tiny_mnist, tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--profile", "smoke", "--models", "ddpm", "--ddpm-lr", "1e30",
-                           "--data-root", str(tiny_mnist), "--out", str(tmp_path / "o")],
+                           "--ddpm-width", "8", "--data-root", str(tiny_mnist), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 1 and "every model failed" in proc.stderr and "usage:" not in proc.stderr
     assert "non-finite" in json.loads((tmp_path / "o" / "results.json").read_text())["failed"]["ddpm"]
 
 
-def test_time_estimates_before_training_and_after_the_first_epoch(nb, tiny_mnist, tmp_path, capsys):
-    out = tmp_path / "out"
-    cfg = nb.make_config(["--profile", "smoke", "--models", "vae,ddpm", "--epochs", "2", "--data-root",
-                          str(tiny_mnist), "--out", str(out)], env={})
-    ctx = nb.run(nb.Run(cfg))
-    said = capsys.readouterr().out
+@pytest.mark.e2e
+def test_time_estimates_before_training_and_after_the_first_epoch(nb, notebook_run, tiny_mnist):
+    """Each model's section estimates its time before training and again after its first epoch (the notebook
+    run's output); the cells' wall times go into results.json and the report."""
+    said = notebook_run.text
     assert "time estimate: VAE about" in said and "DDPM are timed when their sections start" in said
     assert "time estimate after VAE's first epoch" in said and "time estimate after DDPM's first epoch" in said
-    est = nb.time_estimate(ctx, "vae")
-    assert est["epochs_left"] == 2 and est["step"] > 0 and est["total"] >= 2 * est["epoch"] > 0
-    seconds = ctx.results["stage_seconds"]
+    seconds = notebook_run.results()["stage_seconds"]
     assert {"start", "vae_section", "ddpm_section", "measure_section", "report_section"} <= set(seconds)
-    assert "## Where the time went" in (out / "REPORT.md").read_text()
-    assert json.loads((out / "results.json").read_text())["stage_seconds"]["appendix_comparison"] >= 0
-    resumed = nb.Run(nb.make_config(["--profile", "smoke", "--models", "vae", "--epochs", "2", "--data-root",
-                                     str(tiny_mnist), "--out", str(out), "--resume"], env={}))
-    nb.start(resumed)
+    assert seconds["appendix_comparison"] >= 0
+    assert "## Where the time went" in (notebook_run.out / "REPORT.md").read_text()
+    args = smoke_args(tiny_mnist, notebook_run.out, "--models", "vae")  # its checkpoints, read and left as they are
+    est = nb.time_estimate(started(nb, nb.make_config(args, env={})), "vae")
+    assert est["epochs_left"] == SMOKE_EPOCHS and est["step"] > 0 and est["total"] >= SMOKE_EPOCHS * est["epoch"] > 0
+    resumed = started(nb, nb.make_config(args + ["--resume"], env={}))
     assert nb.time_estimate(resumed, "vae") is None  # finished: only loaded

@@ -418,7 +418,8 @@ def test_bad_settings_fail_with_a_message(nb, argv, message):
 
 def test_fp16_steps_scale_the_loss(nb):
     """The path older GPUs take (fp16 autocast + GradScaler), exercised on the CPU."""
-    cfg = nb.make_config(["--profile", "smoke", "--amp", "fp16", "--ddpm-width", "16"], env={})  # CPU fp16 is slow
+    cfg = nb.make_config(["--profile", "smoke", "--amp", "fp16", "--ddpm-width", "8", "--vae-width", "8", "--gan-width",
+                          "8", "--gan-d-width", "8", "--wgan-critic-width", "8"], env={})  # narrow: CPU fp16 is slow
     device = torch.device("cpu")
     images, labels = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), torch.arange(4)
     for name in nb.MODELS:
