@@ -16,7 +16,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
@@ -119,7 +118,7 @@ def smoke_args(data_root, out, *extra) -> list:
 @dataclass
 class NotebookRun:
     out: Path  # its output folder: read it, never write to it (copy what a test changes)
-    notebook: nbformat.NotebookNode  # the executed notebook, with every cell's outputs
+    notebook: dict  # the executed notebook (an nbformat.NotebookNode), with every cell's outputs
     text: str  # every cell's printed text, in order
 
     def results(self) -> dict:
@@ -138,6 +137,7 @@ def notebook_run(tiny_mnist, tmp_path_factory) -> NotebookRun:
                            "-p", "epochs", str(SMOKE_EPOCHS), "-p", "data_root", str(tiny_mnist), "-p", "out", str(out)],
                           capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import nbformat  # here, not at the top: the GPU machine runs test_cuda.py without the notebook tools
     notebook = nbformat.read(executed, as_version=4)
     text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
     return NotebookRun(out, notebook, text)
