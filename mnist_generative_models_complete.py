@@ -301,6 +301,14 @@ class Config:
                                      "measuring", train=False, profiles={"smoke": 0})
     eval_epochs: int = setting(2, "passes over the training set for the evaluator", "measuring", train=False,
                                profiles={"smoke": 1, "full": 3})
+    eval_held_out: int = setting(10000, "training digits kept from the evaluator: with as many test digits, the "
+                                        "real floor of every measure (two sets it never saw)", "measuring",
+                                 train=False, profiles={"smoke": 100})
+    detector_steps: int = setting(1000, "optimizer steps (batch 128) of the two-sample test's detector (sample "
+                                        "or real?), trained afresh per model", "measuring", train=False,
+                                  profiles={"smoke": 20})
+    bootstrap: int = setting(100, "bootstrap resamples behind the range of FID and Inception Score", "measuring",
+                             train=False, profiles={"smoke": 10})
     epoch_fid_samples: int = setting(1000, "samples per model drawn after every epoch for the per-epoch FID",
                                      "measuring", train=False, profiles={"smoke": 20})
     epoch_fid_ddpm_samples: int = setting(500, "the same for diffusion models, whose samples cost more",
@@ -460,6 +468,10 @@ def validate(cfg: Config) -> None:
     need(cfg.ddpm_lr > 0 and cfg.ddpm_min_snr >= 0, "ddpm_lr must be > 0, ddpm_min_snr >= 0")
     need(0 <= cfg.ddpm_ema < 1, "ddpm_ema must be in [0, 1)")
     need(cfg.eval_epochs >= 1, "eval_epochs must be 1 or more")
+    need(cfg.eval_held_out >= cfg.n_samples, f"eval_held_out ({cfg.eval_held_out}) must be at least n_samples "
+         f"({cfg.n_samples}): the real floor compares as many held-out training digits as samples")
+    need(cfg.detector_steps >= 1, "detector_steps must be 1 or more")
+    need(cfg.bootstrap >= 2, "bootstrap must be 2 or more (resamples behind each range)")
     need(cfg.ddpm_study_steps >= 0, "ddpm_study_steps must be 0 (off) or more")
     need(cfg.epoch_fid_samples >= PR_K + 1 and cfg.epoch_fid_ddpm_samples >= PR_K + 1,
          f"epoch_fid_samples and epoch_fid_ddpm_samples must be at least {PR_K + 1}")
@@ -509,7 +521,7 @@ class Run:
     ref_feats: np.ndarray | None = None  # the evaluator's features of those
     models: dict = field(default_factory=dict)  # name -> Trained, in training order
     arrays: dict = field(default_factory=dict)  # figure data that is not a number (images, coordinates)
-    real_feats: np.ndarray | None = None  # the evaluator's features of the first training digits (real_features)
+    real_feats: np.ndarray | None = None  # the evaluator's features of the held-out training digits (real_features)
     results: dict = field(default_factory=lambda: {"models": {}, "failed": {}})
     started: float = field(default_factory=time.perf_counter)
 
@@ -865,6 +877,9 @@ def start(ctx):
     ctx.train = tuple(t.to(ctx.device) for t in load_mnist(cfg.data_root, train=True, dataset=cfg.dataset))
     ctx.test = load_mnist(cfg.data_root, train=False, dataset=cfg.dataset)
     print(f"{DATASETS[cfg.dataset]['title']}: {len(ctx.train[0])} training and {len(ctx.test[0])} test images")
+    if cfg.eval_held_out >= len(ctx.train[0]):
+        raise SetupError(f"eval_held_out {cfg.eval_held_out} must be fewer than the {len(ctx.train[0])} training "
+                         "images (the evaluator trains on the rest): lower it")
 
 
 # %% [markdown]
@@ -2138,7 +2153,10 @@ def ddpm_section(ctx):
 # accuracy. It is cached in `checkpoints/evaluator.pt` and reused while its settings and data are
 # unchanged. Its class probabilities $p(y\mid x)$ and its 128-d penultimate features $\phi(x)$ drive
 # every metric below. All of them compare `n_samples` generated images with as many MNIST **test**
-# digits; the same numbers on real **training** digits give the floor (what a perfect model scores).
+# digits. The last `eval_held_out` training digits are kept from the evaluator: the same numbers on
+# those against the test digits give the **floor**, what a perfect model scores. Both sets are digits
+# the evaluator never saw, so neither is favoured (its own training digits would fit its features
+# better than any other set, and pull the floor down).
 
 # %%
 class Evaluator(nn.Module):
@@ -2160,7 +2178,7 @@ class Evaluator(nn.Module):
         return self.classify(self.features(x))
 
 
-EVALUATOR_VERSION = 3  # bump when the evaluator's architecture or training changes (invalidates the cache)
+EVALUATOR_VERSION = 4  # bump when the evaluator's architecture or training changes (invalidates the cache)
 
 
 def random_shift(x: torch.Tensor, gen: torch.Generator, pixels: int = 2) -> torch.Tensor:
@@ -2235,10 +2253,13 @@ def prepare_evaluation(ctx: Run):
     if ctx.evaluator is not None:
         return
     cfg = ctx.cfg
-    ctx.evaluator, acc, cached = train_evaluator(ctx.train, ctx.test, cfg, ctx.device,
-                                                 ctx.out / "checkpoints" / "evaluator.pt")
-    print(f"evaluator test accuracy {100 * acc:.2f}%" + (" (cached)" if cached else ""))
-    ctx.results["evaluator"] = {"test_accuracy": acc, "cached": cached}
+    seen = len(ctx.train[0]) - cfg.eval_held_out  # the evaluator trains on these; the rest are held out
+    ctx.evaluator, acc, cached = train_evaluator((ctx.train[0][:seen], ctx.train[1][:seen]), ctx.test, cfg,
+                                                 ctx.device, ctx.out / "checkpoints" / "evaluator.pt")
+    print(f"evaluator test accuracy {100 * acc:.2f}% (trained on {seen} training digits, {cfg.eval_held_out} "
+          "held out for the floor)" + (" (cached)" if cached else ""))
+    ctx.results["evaluator"] = {"test_accuracy": acc, "cached": cached, "trained_on": seen,
+                                "held_out": cfg.eval_held_out}
     ctx.reference = ctx.test[0][:cfg.n_samples]
     ctx.ref_feats = features(ctx.evaluator, ctx.reference)
 
@@ -2266,8 +2287,25 @@ def evaluator_section(ctx):
 #   $k$-th nearest neighbour ($k=5$). Precision is the share of samples inside the real manifold
 #   (are they realistic?), recall the share of real digits inside the samples' manifold
 #   (is all of MNIST's variety covered?).
-# * **sharpness**, the mean absolute difference between neighbouring pixels (0-1 scale), beside
-#   the same number on real digits; blur lowers it.
+# * **a classifier two-sample test** (Lopez-Paz & Oquab, 2017): a small CNN, the *detector*, is trained
+#   afresh (`detector_steps` Adam steps) to tell the model's samples from test digits, on half of each
+#   (balanced); its accuracy on the other halves is the share of images it places right. 0.5 means it cannot tell them apart at all,
+#   1 that it always can. It looks at the pixels, not at the evaluator's class features, so it sees
+#   strokes and backgrounds a classifier ignores. The same test on held-out training digits against
+#   test digits should give 0.5 (a test of the test).
+# * **sharpness**, the root mean square difference between neighbouring pixels (0-1 scale) after a 3x3
+#   median filter, beside the same number on real digits. The filter removes isolated dots and keeps
+#   strokes (two pixels wide or more), so blur lowers it and background speckle does not raise it.
+#
+# * **memorisation**: the pixel distance (Euclidean, 0-1 scale) from each sample to its nearest training
+#   digit, against the same distance for real test digits, which no model saw. A sample closer to the
+#   training set than 99% of test digits are is a *near copy*; a model that does not copy has about 1%
+#   of them, one that copies its training digits close to 100%.
+#
+# Every number of a set of samples comes with a **95% range**: FID and Inception Score as the value
+# ± 1.96 standard deviations over `bootstrap` resamples of the samples and of the test digits; the
+# shares (precision, recall, the detector's accuracy) as the binomial (Wilson) interval of that many
+# trials. Two models differ on a measure only where their ranges do not overlap.
 #
 # ### Controllability: how cheaply does a user get the digit they want?
 # Every model gets the same question: with the best means it offers, what is the probability
@@ -2282,7 +2320,7 @@ def evaluator_section(ctx):
 # ### Stability and efficiency
 # The classifier-FID of the samples each model drew after every epoch (section 3), class coverage
 # (entropy of the predicted classes divided by $\log 10$; 1 = all digits equally), the smallest class
-# share and recall (mode collapse), sharpness (blur); wall time, images per second, parameters, time
+# share and recall (mode collapse); wall time, images per second, parameters, time
 # per image at batch 1 and at batch 1000, and peak memory during training.
 
 # %%
@@ -2323,10 +2361,92 @@ def precision_recall(real_feats, fake_feats, k: int = PR_K) -> tuple:
     return float(precision), float(recall)
 
 
+def median3(x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 median filter of images [N, H, W] (borders repeated): an isolated dot, at most 4 of the 9
+    pixels of any window, goes; a stroke two pixels wide or more stays."""
+    windows = F.pad(x[:, None], (1, 1, 1, 1), mode="replicate").unfold(2, 3, 1).unfold(3, 3, 1)
+    return windows.reshape(*x.shape, 9).median(-1).values
+
+
 def sharpness(images_uint8) -> float:
-    """Mean absolute finite-difference gradient of the images, on the 0-1 scale."""
-    x = torch.as_tensor(np.asarray(images_uint8)).float() / 255.0
-    return float(((x[:, 1:, :] - x[:, :-1, :]).abs().mean() + (x[:, :, 1:] - x[:, :, :-1]).abs().mean()) / 2)
+    """The root mean square difference between neighbouring pixels (0-1 scale) of the median-filtered
+    images, averaged over the images: high for crisp strokes, low for blurred ones (blur spreads an edge's
+    step over several pixels, and the squares of smaller steps sum to less), not raised by scattered dots."""
+    x = torch.as_tensor(np.asarray(images_uint8))
+    total = 0.0
+    for chunk in x.split(2000):
+        m = median3(chunk.float() / 255.0)
+        squares = ((m[:, 1:, :] - m[:, :-1, :]) ** 2).mean(dim=(1, 2)) + ((m[:, :, 1:] - m[:, :, :-1]) ** 2).mean(dim=(1, 2))
+        total += float((squares / 2).sqrt().sum())
+    return total / len(x)
+
+
+def share_range(share: float, n: int, z: float = 1.96) -> list:
+    """The Wilson 95% interval of a share of n trials (it stays inside 0-1, also at 0 and 1)."""
+    centre, half = share + z * z / (2 * n), z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    low, high = (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    return [max(0.0, min(low, share)), min(1.0, max(high, share))]  # min/max: rounding at 0 and 1
+
+
+def span(low_high: list, digits: int = 1, scale: float = 1.0) -> str:
+    """A 95% range as text: '40.1-45.5'."""
+    return f"{scale * low_high[0]:.{digits}f}-{scale * low_high[1]:.{digits}f}"
+
+
+def bootstrap_range(measure, value: float, *sets, draws: int, seed: int, z: float = 1.96) -> list:
+    """value +- z standard deviations of `measure` over `draws` resamples (with replacement) of each set,
+    independently: a 95% range of what another draw of as many samples (and test digits) would give."""
+    rng = np.random.default_rng(seed)
+    again = [measure(*(s[rng.integers(0, len(s), len(s))] for s in sets)) for _ in range(draws)]
+    sd = float(np.std(again, ddof=1))
+    return [value - z * sd, value + z * sd]
+
+
+class Detector(nn.Module):
+    """The two-sample test's detector: two strided convolutions and a linear layer, the logit of 'real'."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, width, 3, 2, 1), nn.LeakyReLU(0.2),  # 14x14
+                                 nn.Conv2d(width, 2 * width, 3, 2, 1), nn.LeakyReLU(0.2),  # 7x7
+                                 nn.Flatten(), nn.Linear(2 * width * 49, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)
+
+
+def two_sample_test(real_uint8, fake_uint8, cfg: Config, device, seed: int) -> dict:
+    """Train a Detector on the first half of each set (real = 1, fake = 0) for detector_steps, and report
+    its accuracy on the other halves with its 95% range. The run's own random state is left as it was."""
+    real, fake = (torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).cpu()
+                  for a in (real_uint8, fake_uint8))
+    n = min(len(real), len(fake))
+    half = n // 2
+
+    def split(lo, hi):
+        return torch.cat([real[lo:hi], fake[lo:hi]]), torch.cat([torch.ones(hi - lo), torch.zeros(hi - lo)])
+
+    (x_fit, y_fit), (x_test, y_test) = split(0, half), split(half, n)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        detector = Detector().to(device)
+        opt = torch.optim.Adam(detector.parameters(), 1e-3)
+        order, steps = torch.Generator().manual_seed(seed), 0
+        while steps < cfg.detector_steps:  # epochs over the fitting halves, shuffled, until the steps are done
+            batches = torch.randperm(len(x_fit), generator=order).split(cfg.batch_size)
+            for idx in batches[:cfg.detector_steps - steps]:
+                loss = F.binary_cross_entropy_with_logits(detector(to_unit(x_fit[idx].to(device))),
+                                                          y_fit[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                steps += 1
+    with torch.inference_mode():
+        said_real = torch.cat([detector(to_unit(x_test[i:i + 2000].to(device))).cpu() > 0
+                               for i in range(0, len(x_test), 2000)])
+    accuracy = float((said_real == y_test.bool()).float().mean())
+    return {"accuracy": accuracy, "range": share_range(accuracy, len(x_test)), "n_fit": len(x_fit),
+            "n_test": len(x_test), "steps": cfg.detector_steps}
 
 
 def class_stats(probs: torch.Tensor) -> dict:
@@ -2406,24 +2526,78 @@ def control_phrase(c: dict, thing: str = "digit") -> str:
     return f"one attempt yields the chosen {thing} {100 * c['hit_rate']:.1f}% ({c['method']}; {attempts})"
 
 
+COPY_QUANTILE = 0.01  # a near copy is closer to the training set than this share of real test digits are
+
+
+@torch.inference_mode()
+def nearest_distances(queries_uint8, pool_uint8: torch.Tensor) -> tuple:
+    """For each query image, the Euclidean pixel distance (0-1 scale) to its nearest image in the pool, and
+    that image's index: ||q - p||^2 = ||q||^2 + ||p||^2 - 2 q.p, a matrix product per chunk of queries."""
+    pool = pool_uint8.flatten(1).float() / 255.0
+    pool_sq = (pool * pool).sum(1)
+    queries = torch.as_tensor(np.asarray(queries_uint8) if not torch.is_tensor(queries_uint8) else queries_uint8)
+    dists, index = [], []
+    for chunk in queries.split(1000):
+        q = chunk.to(pool.device).flatten(1).float() / 255.0
+        d2 = (q * q).sum(1, keepdim=True) + pool_sq[None, :] - 2 * q @ pool.T
+        best = d2.min(1)
+        dists.append(best.values.clamp_min(0).sqrt().cpu())
+        index.append(best.indices.cpu())
+    return torch.cat(dists).double().numpy(), torch.cat(index).numpy()
+
+
+def real_nearest(ctx: Run) -> np.ndarray:
+    """The distance from each reference test digit (no model saw them) to its nearest training digit."""
+    if "real_nearest" not in ctx.arrays:
+        ctx.arrays["real_nearest"] = nearest_distances(ctx.reference, ctx.train[0])[0]
+    return ctx.arrays["real_nearest"]
+
+
+def memorisation(ctx: Run, images, real_distances: np.ndarray, pairs: int = 6) -> dict:
+    """How close the samples come to the training digits, against real test digits (real_distances): the
+    share of near copies with its 95% range, the median distances, and the closest pairs (for the figure)."""
+    distances, index = nearest_distances(images, ctx.train[0])
+    threshold = float(np.quantile(real_distances, COPY_QUANTILE))
+    share = float((distances < threshold).mean())
+    closest = np.argsort(distances)[:pairs]
+    return {"near_copy_share": share, "near_copy_range": share_range(share, len(distances)),
+            "threshold": threshold, "median_distance": float(np.median(distances)),
+            "real_median_distance": float(np.median(real_distances)), "n": len(distances),
+            "closest": [[int(i), int(index[i]), float(distances[i])] for i in closest]}
+
+
+def clarity_metrics(ctx: Run, images, feats: np.ndarray, probs: torch.Tensor, seed: int) -> dict:
+    """FID, Inception Score, precision, recall and the two-sample test of one set of images against the
+    reference test digits, each with its 95% range; and the images' sharpness."""
+    cfg = ctx.cfg
+    fid, inception = frechet_distance(feats, ctx.ref_feats), inception_score(probs)
+    precision, recall = precision_recall(ctx.ref_feats, feats)
+    return {"fid": fid, "fid_range": bootstrap_range(frechet_distance, fid, feats, ctx.ref_feats,
+                                                     draws=cfg.bootstrap, seed=seed),
+            "inception_score": inception, "inception_score_range": bootstrap_range(
+                inception_score, inception, probs, draws=cfg.bootstrap, seed=seed),
+            "precision": precision, "precision_range": share_range(precision, len(feats)),
+            "recall": recall, "recall_range": share_range(recall, len(ctx.ref_feats)),
+            "two_sample": two_sample_test(ctx.reference, images, cfg, ctx.device, seed),
+            "sharpness": sharpness(images)}
+
+
 def sample_metrics(ctx: Run, model, images, asked) -> dict:
     """Clarity, coverage and controllability of one set of samples against the reference digits."""
     probs, feats = predict(ctx.evaluator, images), features(ctx.evaluator, images)
-    precision, recall = precision_recall(ctx.ref_feats, feats)
-    return {"fid": frechet_distance(feats, ctx.ref_feats), "inception_score": inception_score(probs),
-            "precision": precision, "recall": recall, "sharpness": sharpness(images), **class_stats(probs),
+    return {**clarity_metrics(ctx, images, feats, probs, model.cfg.seed + 9), **class_stats(probs),
             "control": controllability(ctx, model, images, asked, probs),
             "first_predictions": [[int(p.argmax()), float(p.max())] for p in probs[:10]]}
 
 
 def measure_real(ctx: Run) -> dict:
-    """The metrics of real training digits against the test digits: the floor for every model."""
+    """The metrics of held-out training digits against the test digits: the floor for every model."""
     n = len(ctx.reference)
-    probs = predict(ctx.evaluator, ctx.reference)
-    precision, recall = precision_recall(ctx.ref_feats, real_features(ctx, n))
-    return {"n": n, "fid_floor": real_gap(ctx, n),
-            "inception_score": inception_score(probs), "precision": precision, "recall": recall,
-            "sharpness": sharpness(ctx.reference), **class_stats(probs)}
+    real = held_out(ctx, n)
+    probs = predict(ctx.evaluator, real)
+    m = clarity_metrics(ctx, real, real_features(ctx, n), probs, ctx.cfg.seed + 9)
+    return {"n": n, "fid_floor": m.pop("fid"), "fid_floor_range": m.pop("fid_range"), **m, **class_stats(probs),
+            "nearest_train_median_distance": float(np.median(real_nearest(ctx)))}
 
 
 def seconds_per_image_at_batch_1(ctx: Run, trained: Trained) -> float:
@@ -2441,17 +2615,22 @@ def epoch_fids(ctx: Run, probes: list) -> list:
     return [frechet_distance(features(ctx.evaluator, p), ctx.ref_feats[:len(p)]) for p in probes]
 
 
+def held_out(ctx: Run, n: int) -> torch.Tensor:
+    """The first n of the training digits kept from the evaluator (the last eval_held_out), on the CPU."""
+    return ctx.train[0][len(ctx.train[0]) - ctx.cfg.eval_held_out:][:n].cpu()
+
+
 def real_features(ctx: Run, n: int) -> np.ndarray:
-    """The evaluator's features of the first n training digits: computed once for the largest n asked,
-    sliced for smaller ones."""
+    """The evaluator's features of the first n held-out training digits: computed once for the largest n
+    asked, sliced for smaller ones."""
     if ctx.real_feats is None or len(ctx.real_feats) < n:
-        ctx.real_feats = features(ctx.evaluator, ctx.train[0][:n].cpu())
+        ctx.real_feats = features(ctx.evaluator, held_out(ctx, n))
     return ctx.real_feats[:n]
 
 
 def real_gap(ctx: Run, n: int) -> float:
-    """The classifier-FID between n real training digits and n test digits: how far two draws of one
-    distribution lie apart at that size (for n = n_samples, the floor)."""
+    """The classifier-FID between n held-out training digits and n test digits, two sets the evaluator never
+    saw: how far two draws of one distribution lie apart at that size (for n = n_samples, the floor)."""
     return frechet_distance(real_features(ctx, n), ctx.ref_feats[:n])
 
 
@@ -2509,6 +2688,7 @@ def measure_model(ctx: Run, trained: Trained) -> dict:
         "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}, "epoch_loss": hist.epoch,
         "probe_seconds": hist.paused, **trained.extras}
     entry.update(sample_metrics(ctx, model, trained.samples, trained.asked))
+    entry["memorisation"] = memorisation(ctx, trained.samples, real_nearest(ctx))
     if hasattr(model, "codes"):
         ctx.arrays[f"{name}_reconstructions"] = reconstructions(ctx, model)
         ctx.arrays[f"{name}_latent"] = latent_pca(ctx, model)
@@ -2525,15 +2705,19 @@ def measure_section(ctx):
     if "real_test" not in ctx.results:
         ctx.results["real_test"] = measure_real(ctx)
         real = ctx.results["real_test"]
-        print(f"real training digits against the test digits (the floor): classifier-FID {real['fid_floor']:.1f}, "
-              f"precision {real['precision']:.2f}, recall {real['recall']:.2f}")
+        print(f"held-out training digits against the test digits (the floor): classifier-FID "
+              f"{real['fid_floor']:.1f} ({span(real['fid_floor_range'])}), precision {real['precision']:.2f}, "
+              f"recall {real['recall']:.2f}, the detector tells them apart "
+              f"{100 * real['two_sample']['accuracy']:.1f}% ({span(real['two_sample']['range'], 1, 100)})")
     for name, trained in ctx.models.items():
         if name in ctx.results["models"]:
             continue
         t0 = time.perf_counter()
         m = ctx.results["models"][name] = measure_model(ctx, trained)
         m["measure_seconds"] = time.perf_counter() - t0
-        print(f"{trained.spec.title}: classifier-FID {m['fid']:.1f} (floor {ctx.results['real_test']['fid_floor']:.1f}), "
+        print(f"{trained.spec.title}: classifier-FID {m['fid']:.1f} ({span(m['fid_range'])}; floor "
+              f"{ctx.results['real_test']['fid_floor']:.1f}), detector {100 * m['two_sample']['accuracy']:.1f}% "
+              f"({span(m['two_sample']['range'], 1, 100)}), "
               f"precision {m['precision']:.2f}, recall {m['recall']:.2f}, {control_phrase(m['control'])}, "
               f"{1000 * m['seconds_per_image_batch1']:.2f} ms per image at batch 1")
 
@@ -2544,12 +2728,15 @@ def measure_section(ctx):
 # Each axis becomes a score from 0 (worst) to 1 (best) by one formula, the same for every model,
 # from the numbers measured above (no constant is set per model):
 #
-# * **clarity** $= \frac{1}{2}\Big(\mathrm{clip}\big(1 - \frac{\log(\mathrm{FID}/\mathrm{FID}_\text{floor})}{\log 20}\big)
-#   + \mathrm{clip}\big(\frac{\mathrm{IS} - 1}{\mathrm{IS}_\text{real} - 1}\big)\Big)$. FID counts on a log scale
-#   between the floor (1) and `CLARITY_WORST` = 20× the floor (0), so halving the FID gains as much anywhere; the Inception
-#   Score adds "is each image confidently one digit". Precision and sharpness are shown beside it, not
-#   mixed in: precision rewards blurred but typical digits, sharpness punishes speckle like blur. How well
-#   the score's order agrees with FID's is printed with it (Spearman's $\rho$);
+# * **clarity** $= \frac{1}{3}\Big(\mathrm{clip}\big(1 - \frac{\log(\mathrm{FID}/\mathrm{FID}_\text{floor})}{\log 20}\big)
+#   + \mathrm{clip}\big(\frac{\mathrm{IS} - 1}{\mathrm{IS}_\text{real} - 1}\big) + \mathrm{clip}\big(2(1 - a)\big)\Big)$.
+#   FID counts on a log scale between the floor (1) and `CLARITY_WORST` = 20× the floor (0), so halving
+#   the FID gains as much anywhere; the Inception Score adds "is each image confidently one digit"; the
+#   detector's accuracy $a$ adds what the evaluator's class features miss near real digits (1 at
+#   $a = 0.5$, it cannot tell; 0 at $a = 1$, it always can). Precision and sharpness are shown beside it,
+#   not mixed in: precision rewards blurred but typical digits, and sharpness says nothing of shapes.
+#   How well the score's order agrees with FID's and with the detector's is printed with it
+#   (Spearman's $\rho$);
 # * **controllability** $= 1 \big/ \frac{1}{10}\sum_d \frac{1}{p_d}$, the inverse of the expected number of
 #   attempts to get a chosen digit. A model that cannot be asked (GAN, DDPM) has only its class shares as
 #   $p_d$: at best 10 attempts, a score of at most 0.1, and no hit rate (its mean share is $\frac{1}{10}$
@@ -2557,7 +2744,7 @@ def measure_section(ctx):
 # * **stability** $= \frac{1}{4}\Big(\text{coverage} + \text{recall} + \min(1, 10\,\text{smallest class share}) +
 #   \frac{g}{g + \text{drift}}\Big)$: no digit missing, MNIST's variety covered, and training that has
 #   settled. *drift* is the FID between the samples drawn from the same noise after the last two epochs
-#   (how far the last epoch moved the model), $g$ the FID between as many real training and test digits
+#   (how far the last epoch moved the model), $g$ the FID between as many held-out training and test digits
 #   (what two draws of one distribution differ by): the term is 1 for a model that stopped moving and
 #   $\frac{1}{2}$ for one whose last epoch moved it as far as two real draws differ;
 # * **efficiency** $= \frac{1}{4}\sum_{c} \frac{1}{1 + \log_{10}(c / c_\text{min})}$ over four costs $c$: training
@@ -2571,8 +2758,8 @@ def measure_section(ctx):
 CLARITY_WORST = 20  # an FID this many times the floor, or worse, scores 0 on clarity's FID term
 SCORE_FORMULAS = {
     "clarity": f"mean of 1 - log(FID / FID_floor) / log({CLARITY_WORST}) (clipped to 0-1: the floor scores 1, "
-               f"{CLARITY_WORST}x the floor 0) and (IS - 1) / (IS_real - 1) (clipped), IS the classifier "
-               "Inception Score",
+               f"{CLARITY_WORST}x the floor 0), (IS - 1) / (IS_real - 1) (clipped), IS the classifier "
+               "Inception Score, and 2 (1 - a) (clipped), a the two-sample detector's accuracy",
     "control": "1 / mean_d(1 / p_d), p_d = probability that one attempt yields digit d (0 if some p_d = 0)",
     "stability": "mean of coverage, recall, min(1, 10 * smallest class share), g / (g + drift) with drift the "
                  "FID between the samples drawn from the same noise after the last two epochs and g that between "
@@ -2595,9 +2782,16 @@ def inception_term(inception: float, real_inception: float) -> float:
     return float(np.clip((inception - 1) / max(real_inception - 1, 1e-12), 0.0, 1.0))
 
 
+def detector_term(accuracy: float) -> float:
+    """1 when the detector tells the samples from real digits no better than a coin (accuracy 0.5), 0 when
+    it always can (accuracy 1)."""
+    return float(np.clip(2 * (1 - accuracy), 0.0, 1.0))
+
+
 def clarity_score(m: dict, real: dict) -> float:
     return float(np.mean([fid_term(m["fid"], real["fid_floor"]),
-                          inception_term(m["inception_score"], real["inception_score"])]))
+                          inception_term(m["inception_score"], real["inception_score"]),
+                          detector_term(m["two_sample"]["accuracy"])]))
 
 
 def drift_term(drift: dict | None):
@@ -2614,14 +2808,20 @@ def stability_score(m: dict) -> float:
     return float(np.mean(terms))
 
 
-def clarity_agreement(results: dict):
-    """Spearman's rank correlation between the clarity scores and -FID over the models (None below 3)."""
+def clarity_agreement(results: dict, measure=lambda m: m["fid"]):
+    """Spearman's rank correlation between the clarity scores and -measure (lower is better: FID by default,
+    or the detector's accuracy) over the models (None below 3)."""
     models = results["models"]
-    if len(models) < 3:
+    clarity, other = (pd.Series([results["scores"][n]["clarity"] for n in models]),
+                      pd.Series([-measure(m) for m in models.values()]))
+    if len(models) < 3 or clarity.nunique() < 2 or other.nunique() < 2:  # no order to compare
         return None
-    rho = pd.Series([results["scores"][n]["clarity"] for n in models]).corr(
-        pd.Series([-m["fid"] for m in models.values()]), method="spearman")
+    rho = clarity.corr(other, method="spearman")
     return None if np.isnan(rho) else round(float(rho), 6)
+
+
+def detector_accuracy(m: dict) -> float:
+    return m["two_sample"]["accuracy"]
 
 
 def efficiency_scores(models: dict) -> dict:
@@ -2644,6 +2844,20 @@ def axis_scores(results: dict) -> dict:
                 "stability": stability_score(m), "efficiency": efficiency[n]} for n, m in models.items()}
 
 
+def clarity_columns(m: dict, fid: str) -> dict:
+    """The clarity measures of a model (or of the real digits, whose FID is the floor), each with the low and
+    high ends of its 95% range."""
+    columns = {}
+    for column, value, low_high in (("fid", m[fid], m[fid + "_range"]),
+                                    ("inception_score", m["inception_score"], m["inception_score_range"]),
+                                    ("precision", m["precision"], m["precision_range"]),
+                                    ("two_sample_accuracy", m["two_sample"]["accuracy"], m["two_sample"]["range"])):
+        columns.update({f"clarity_{column}": value, f"clarity_{column}_low": low_high[0],
+                        f"clarity_{column}_high": low_high[1]})
+    columns["clarity_sharpness"] = m["sharpness"]
+    return columns
+
+
 def metrics_table(results: dict) -> pd.DataFrame:
     """One row per model (and one for real digits): raw numbers and the four scores."""
     rows = {}
@@ -2652,18 +2866,19 @@ def metrics_table(results: dict) -> pd.DataFrame:
         curve = m["epoch_fid"] or [float("nan")]
         drift = m.get("epoch_drift") or {}
         rows[name] = {
-            "clarity_fid": m["fid"], "clarity_inception_score": m["inception_score"],
-            "clarity_precision": m["precision"], "clarity_sharpness": m["sharpness"],
-            "clarity_confidence": m["confidence"], "clarity_score": s["clarity"],
+            **clarity_columns(m, "fid"), "clarity_confidence": m["confidence"], "clarity_score": s["clarity"],
             "control_hit_rate": m["control"]["hit_rate"] if m["control"]["hit_rate"] is not None else float("nan"),
             "control_attempts_per_digit": m["control"]["attempts_per_digit"] or float("inf"),
             "control_score": s["control"],
             "stability_coverage": m["coverage"], "stability_smallest_class_share": m["smallest_class_share"],
-            "stability_recall": m["recall"], "stability_best_epoch_fid": min(curve),
+            "stability_recall": m["recall"], "stability_recall_low": m["recall_range"][0],
+            "stability_recall_high": m["recall_range"][1], "stability_best_epoch_fid": min(curve),
             "stability_last_epoch_fid": curve[-1],
             "stability_last_epoch_drift_fid": drift.get("fid", float("nan")),
             "stability_real_gap_fid": drift.get("real_gap", float("nan")),
             "stability_score": s["stability"],
+            "memorisation_near_copy_share": m["memorisation"]["near_copy_share"],
+            "memorisation_median_distance": m["memorisation"]["median_distance"],
             "efficiency_train_seconds": m["train_seconds"], "efficiency_seconds_per_epoch": m["seconds_per_epoch"],
             "efficiency_train_images_per_second": m["train_images_per_second"],
             "efficiency_parameters": m["parameters"],
@@ -2676,10 +2891,11 @@ def metrics_table(results: dict) -> pd.DataFrame:
                                for k in ("fid", "control_score") for stat in ("mean", "std")})
     real = results["real_test"]
     rows["real " + DATASETS[results["config"]["dataset"]]["title"]] = {
-        "clarity_fid": real["fid_floor"], "clarity_inception_score": real["inception_score"],
-        "clarity_precision": real["precision"], "clarity_sharpness": real["sharpness"],
-        "clarity_confidence": real["confidence"], "stability_coverage": real["coverage"],
-        "stability_smallest_class_share": real["smallest_class_share"], "stability_recall": real["recall"]}
+        **clarity_columns(real, "fid_floor"), "clarity_confidence": real["confidence"],
+        "stability_coverage": real["coverage"],
+        "memorisation_median_distance": real["nearest_train_median_distance"],
+        "stability_smallest_class_share": real["smallest_class_share"], "stability_recall": real["recall"],
+        "stability_recall_low": real["recall_range"][0], "stability_recall_high": real["recall_range"][1]}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -2696,6 +2912,7 @@ def scores_section(ctx):
     results = ctx.results
     results["scores"] = axis_scores(results)
     results["clarity_fid_spearman"] = clarity_agreement(results)
+    results["clarity_detector_spearman"] = clarity_agreement(results, detector_accuracy)
     table = metrics_table(results)
     results["analysis"] = table.to_dict(orient="index")
     scores = pd.DataFrame(results["scores"]).T.rename(index=title)
@@ -2704,14 +2921,16 @@ def scores_section(ctx):
         print(f"  {axis} = {formula}")
     if results["clarity_fid_spearman"] is not None:
         print(f"  clarity ranks the models as FID does with Spearman rho {results['clarity_fid_spearman']:.2f}")
+    if results["clarity_detector_spearman"] is not None:
+        print(f"  and as the two-sample detector does with rho {results['clarity_detector_spearman']:.2f}")
     print(table.T.rename(columns=title).to_string(float_format=lambda v: f"{v:.4g}"))
 
 
 # %% [markdown]
 # ## 11. Figures
 #
-# The comparison of samples, every model's loss curves, the classifier-FID after every epoch,
-# controllability per digit with confusion matrices, the VAE's reconstructions and its latent space
+# The comparison of samples, every model's loss curves, the classifier-FID after every epoch, the
+# clarity measures with their 95% ranges, controllability per digit with confusion matrices, the VAE's reconstructions and its latent space
 # in 3D, what the evaluator sees in each model's samples, and the four scores as a 3D plot and a
 # radar chart. These functions only draw: every number they show comes from the results above.
 
@@ -2732,12 +2951,60 @@ def plot_epoch_fid(curves: dict, notes: dict, floor: float, path: Path):
     for name, curve in curves.items():
         ax.plot(np.arange(1, len(curve) + 1), curve, "o-", color=MODELS[name].colour,
                 label=f"{title(name)} ({notes[name]})")
-    ax.axhline(floor, color="gray", ls="--", label=f"real train vs test ({floor:.1f})")
+    ax.axhline(floor, color="gray", ls="--", label=f"real: held-out train vs test ({floor:.1f})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("classifier-FID (lower is better)")
     ax.set_yscale("log")
     ax.set_title("Stability: classifier-FID after every epoch")
     ax.legend(fontsize=7)
+    show(fig, path)
+
+
+def plot_clarity_ranges(models: dict, real: dict, path: Path):
+    """Classifier-FID and the detector's accuracy per model with their 95% ranges, beside the real digits':
+    two models differ on a measure only where their bars do not overlap."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    names = list(models)
+    panels = [(lambda m: (m["fid"], m["fid_range"]), (real["fid_floor"], real["fid_floor_range"]),
+               "classifier-FID (log scale; lower is better)", "log"),
+              (lambda m: (100 * m["two_sample"]["accuracy"], [100 * v for v in m["two_sample"]["range"]]),
+               (100 * real["two_sample"]["accuracy"], [100 * v for v in real["two_sample"]["range"]]),
+               "the detector tells them from real digits (%)", "linear")]
+    for ax, (value, (real_value, real_range), label, scale) in zip(axes, panels):
+        floor = real_value / 100 if scale == "log" else -np.inf  # a log axis shows no range below 0
+        for i, name in enumerate(names):
+            v, (low, high) = value(models[name])
+            ax.errorbar(v, i, xerr=[[v - max(low, floor)], [high - v]], fmt="o", color=MODELS[name].colour,
+                        capsize=4)
+        ax.axvspan(max(real_range[0], floor), real_range[1], color="gray", alpha=0.25,
+                   label=f"real digits {real_value:.1f} (95% range)")
+        ax.set_xscale(scale)
+        ax.set_yticks(range(len(names)), [title(n) for n in names])
+        ax.set_xlabel(label)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[1].axvline(50, color="k", lw=0.8, ls=":")  # a coin: cannot tell them apart
+    fig.suptitle(f"Clarity with 95% ranges ({real['n']} samples and test digits each)")
+    show(fig, path)
+
+
+def plot_memorisation(models: dict, samples: dict, train_uint8, path: Path):
+    """Per model, its samples closest to a training digit (top) above that training digit (below), with the
+    pixel distance: a near copy looks the same twice."""
+    rows = [(name, m["memorisation"]["closest"]) for name, m in models.items()]
+    cols = max(len(closest) for _, closest in rows)
+    fig, axes = plt.subplots(2 * len(rows), cols, figsize=(1.2 * cols, 2.5 * len(rows)), squeeze=False)
+    for r, (name, closest) in enumerate(rows):
+        for c in range(cols):
+            for k, ax in enumerate((axes[2 * r, c], axes[2 * r + 1, c])):
+                ax.axis("off")
+                if c < len(closest):
+                    i, j, d = closest[c]
+                    ax.imshow(samples[name][i] if k == 0 else train_uint8[j].cpu().numpy(), cmap="gray", vmin=0,
+                              vmax=255)
+                    ax.set_title(f"{title(name)} {d:.2f}" if k == 0 else "nearest train", fontsize=7)
+    m = next(iter(models.values()))["memorisation"]
+    fig.suptitle(f"The samples closest to a training digit, and that digit (near copy: distance below "
+                 f"{m['threshold']:.2f})", fontsize=9)
     show(fig, path)
 
 
@@ -2852,6 +3119,8 @@ def draw_figures(ctx: Run):
     plot_losses({n: t.history.as_dict() for n, t in measured.items()}, out / "loss_curves.png")
     plot_epoch_fid({n: m["epoch_fid"] for n, m in models.items()}, {n: m["epoch_fid_note"] for n, m in models.items()},
                    results["real_test"]["fid_floor"], out / "epoch_fid.png")
+    plot_clarity_ranges(models, results["real_test"], out / "clarity_ranges.png")
+    plot_memorisation(models, {n: t.samples for n, t in measured.items()}, ctx.train[0], out / "memorisation.png")
     plot_control({n: m["control"] for n, m in models.items()}, out / "controllability.png", classes)
     plot_scores_3d(results["scores"], out / "scores_3d.png")
     plot_radar(results["scores"], out / "scores_radar.png")
@@ -2889,6 +3158,7 @@ def write_metrics(results: dict, table: pd.DataFrame, out: Path):
         "evaluator_test_accuracy": results["evaluator"]["test_accuracy"],
         "failed": results["failed"], "score_formulas": SCORE_FORMULAS, "scores": results["scores"],
         "clarity_fid_spearman": results.get("clarity_fid_spearman"),
+        "clarity_detector_spearman": results.get("clarity_detector_spearman"),
         "titles": {n: title(n) for n in results["models"]},
         "table": json.loads(table.to_json(orient="index")),
         "control": {n: m["control"] for n, m in results["models"].items()},
@@ -2920,32 +3190,57 @@ def noun(results: dict) -> str:
     return "digit" if results["config"]["dataset"] == "mnist" else "item"
 
 
+def overlapping(m: dict, order: list, low_high) -> list:
+    """The neighbours in `order` whose 95% ranges overlap: pairs the measure cannot tell apart."""
+    return [(a, b) for a, b in zip(order, order[1:])
+            if max(low_high(m[a])[0], low_high(m[b])[0]) <= min(low_high(m[a])[1], low_high(m[b])[1])]
+
+
+def within_noise(m: dict, order: list, low_high, measure: str) -> str:
+    pairs = overlapping(m, order, low_high)
+    if not pairs:
+        return f" Every neighbour in that order is apart beyond the 95% ranges of {measure}."
+    return (f" Within noise by {measure} (their 95% ranges overlap): "
+            + ", ".join(f"{title(a)} and {title(b)}" for a, b in pairs) + ".")
+
+
 def clarity_text(results: dict) -> str:
     m, real, thing = results["models"], results["real_test"], noun(results)
     by_fid = sorted(m, key=lambda n: m[n]["fid"])
-    text = ("Classifier-FID (lower is better) ranks " + ", ".join(f"{title(n)} {m[n]['fid']:.1f}" for n in by_fid)
-            + f"; real training {thing}s against the test {thing}s score {real['fid_floor']:.1f}, the floor. ")
+    text = ("Classifier-FID (lower is better; 95% range in brackets) ranks "
+            + ", ".join(f"{title(n)} {m[n]['fid']:.1f} ({span(m[n]['fid_range'])})" for n in by_fid)
+            + f"; held-out training {thing}s against the test {thing}s score {real['fid_floor']:.1f} "
+              f"({span(real['fid_floor_range'])}), the floor.")
+    text += within_noise(m, by_fid, lambda x: x["fid_range"], "FID")
+    by_detector = sorted(m, key=lambda n: m[n]["two_sample"]["accuracy"])
+    text += (f" A detector trained afresh to tell each model's {thing}s from real test {thing}s places "
+             + ", ".join(f"{title(n)}'s {100 * m[n]['two_sample']['accuracy']:.1f}% "
+                         f"({span(m[n]['two_sample']['range'], 1, 100)})" for n in by_detector)
+             + f" of its test images right (50% = it cannot tell them apart); on held-out real {thing}s it scores "
+               f"{100 * real['two_sample']['accuracy']:.1f}% ({span(real['two_sample']['range'], 1, 100)}).")
+    text += within_noise(m, by_detector, lambda x: x["two_sample"]["range"], "the detector")
     by_precision = sorted(m, key=lambda n: -m[n]["precision"])
-    text += (f"Precision is highest for {title(by_precision[0])} ({m[by_precision[0]]['precision']:.2f}) and "
+    text += (f" Precision is highest for {title(by_precision[0])} ({m[by_precision[0]]['precision']:.2f}) and "
              f"lowest for {title(by_precision[-1])} ({m[by_precision[-1]]['precision']:.2f}); real {thing}s "
              f"score {real['precision']:.2f}. ")
     gaps = {n: abs(m[n]["sharpness"] - real["sharpness"]) for n in m}
     sharpest = max(m, key=lambda n: m[n]["sharpness"])
     blurriest = min(m, key=lambda n: m[n]["sharpness"])
-    text += (f"{title(sharpest)} has the sharpest strokes ({m[sharpest]['sharpness']:.3f}), "
-             f"{title(blurriest)} the blurriest ({m[blurriest]['sharpness']:.3f}), against "
-             f"{real['sharpness']:.3f} on real {thing}s; closest to real is {title(min(gaps, key=gaps.get))}. ")
+    text += (f"After a median filter that removes scattered dots, {title(sharpest)} has the sharpest strokes "
+             f"({m[sharpest]['sharpness']:.3f}), {title(blurriest)} the blurriest ({m[blurriest]['sharpness']:.3f}), "
+             f"against {real['sharpness']:.3f} on real {thing}s; closest to real is {title(min(gaps, key=gaps.get))}. ")
     by_is = sorted(m, key=lambda n: -m[n]["inception_score"])
     text += (f"Classifier Inception Score (1 to 10, real {thing}s " + f"{real['inception_score']:.2f}): "
              + ", ".join(f"{title(n)} {m[n]['inception_score']:.2f}" for n in by_is) + ".")
     by_score = sorted(m, key=lambda n: -results["scores"][n]["clarity"])
-    rho = results.get("clarity_fid_spearman")
+    rho, rho_detector = results.get("clarity_fid_spearman"), results.get("clarity_detector_spearman")
     text += (" The clarity score (FID on a log scale between the floor and "
-             f"{CLARITY_WORST}x the floor, with the Inception Score) ranks "
+             f"{CLARITY_WORST}x the floor, the Inception Score and the detector's accuracy) ranks "
              + ", ".join(f"{title(n)} {results['scores'][n]['clarity']:.3f}" for n in by_score)
-             + (f"; Spearman's rho with the FID order {rho:.2f}." if rho is not None else ".")
+             + (f"; Spearman's rho with the FID order {rho:.2f}" if rho is not None else "")
+             + (f", with the detector's {rho_detector:.2f}" if rho_detector is not None else "") + "."
              + (" Precision and sharpness stay out of it: precision rewards typical-looking "
-                f"{thing}s even when blurred, and sharpness penalises speckle as much as blur."))
+                f"{thing}s even when blurred, and sharpness says nothing of their shapes."))
     if by_is[0] != by_fid[0]:
         text += (f" FID and Inception Score disagree on the best model ({title(by_fid[0])} vs "
                  f"{title(by_is[0])}): IS rewards confident, balanced classes, FID the whole feature distribution.")
@@ -3035,8 +3330,23 @@ def stability_text(results: dict) -> str:
     return text.strip()
 
 
+def memorisation_text(results: dict) -> str:
+    m, real, thing = results["models"], results["real_test"], noun(results)
+    any_model = next(iter(m.values()))["memorisation"]
+    by_share = sorted(m, key=lambda n: m[n]["memorisation"]["near_copy_share"])
+    return (f"The nearest training {thing} of every sample, in pixels: a near copy is closer to the training set "
+            f"than {100 * (1 - COPY_QUANTILE):.0f}% of real test {thing}s are (distance below "
+            f"{any_model['threshold']:.2f}), so a model that does not copy has about {100 * COPY_QUANTILE:.0f}% of "
+            "them. Near copies: " + ", ".join(
+                f"{title(n)} {100 * m[n]['memorisation']['near_copy_share']:.1f}% "
+                f"({span(m[n]['memorisation']['near_copy_range'], 1, 100)})" for n in by_share)
+            + ". Median distance to the nearest training " + thing + ": " + ", ".join(
+                f"{title(n)} {m[n]['memorisation']['median_distance']:.2f}" for n in by_share)
+            + f"; real test {thing}s {real['nearest_train_median_distance']:.2f}.")
+
+
 ANALYSIS = (("Clarity", clarity_text), ("Controllability", control_text), ("Efficiency", efficiency_text),
-            ("Stability", stability_text))
+            ("Stability", stability_text), ("Memorisation", memorisation_text))
 # the appendix's studies (Part C): their key in the results, and the function that writes their report section
 STUDY_SECTIONS = {"guidance_study": "guidance_markdown", "sampler_study": "sampler_study_markdown",
                   "sweeps": "sweeps_markdown", "seed_spread": "seed_spread_markdown",
@@ -3053,7 +3363,9 @@ def report_figures(results: dict) -> list:
     figures = [("comparison.png", "Ten samples from each model")]
     figures += [(MODELS[n].figure(n), f"{title(n)}: each row asks for one class")
                 for n in results["models"] if MODELS[n].conditional]
-    figures += [("scores_3d.png", "Clarity, stability and controllability; efficiency as colour and size"),
+    figures += [("clarity_ranges.png", "Classifier-FID and the two-sample detector's accuracy, with 95% ranges"),
+                ("memorisation.png", "Each model's samples closest to a training digit, above that digit"),
+                ("scores_3d.png", "Clarity, stability and controllability; efficiency as colour and size"),
                 ("scores_radar.png", "The four scores"), ("epoch_fid.png", "Classifier-FID after every epoch"),
                 ("controllability.png", "Per-digit success of one attempt; confusion matrices"),
                 ("loss_curves.png", "Training losses"),

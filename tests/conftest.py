@@ -200,7 +200,7 @@ def copy_run(out: Path, to: Path) -> Path:
 FIGURES = ["vae_samples.png", "gan_samples.png", "cgan_grid.png", "ddpm_samples.png",
            "comparison.png", "loss_curves.png", "epoch_fid.png", "controllability.png",
            "scores_3d.png", "scores_radar.png", "vae_latent_3d.png", "vae_reconstructions.png",
-           "annotated_samples.png"]
+           "annotated_samples.png", "clarity_ranges.png", "memorisation.png"]
 AXES = ("clarity", "control", "stability", "efficiency")
 NETWORKS = {"vae": ["vae"], "gan": ["generator", "discriminator"], "cgan": ["generator", "discriminator"],
             "ddpm": ["unet", "unet_ema"]}
@@ -260,7 +260,8 @@ def check_metrics_files(out: Path, models: set, real: str = "real MNIST"):
                    "control_score", "efficiency_ms_per_image_batch1", "efficiency_peak_memory_mb"):
         assert table.loc[sorted(models), column].notna().all(), column
     report = (out / "REPORT.md").read_text()
-    for heading in ("**Clarity.**", "**Controllability.**", "**Efficiency.**", "**Stability.**"):
+    for heading in ("**Clarity.**", "**Controllability.**", "**Efficiency.**", "**Stability.**",
+                    "**Memorisation.**"):
         assert heading in report
     assert "![" in report and "nan" not in report.lower()
 

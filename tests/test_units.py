@@ -199,8 +199,94 @@ def test_fid_known_cases(nb):
     assert nb.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
     assert nb.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=0.02)  # |shift|^2 = 8
     assert nb.frechet_distance(a, a + 2.0) > nb.frechet_distance(a, a + 1.0)
-    blank, noisy = np.zeros((2, 28, 28), np.uint8), rng.integers(0, 256, (2, 28, 28)).astype(np.uint8)
-    assert nb.sharpness(blank) == 0 and nb.sharpness(noisy) > 0.2
+    blank = np.zeros((2, 28, 28), np.uint8)
+    assert nb.sharpness(blank) == 0
+
+
+def digits_with_strokes(n: int = 50) -> np.ndarray:
+    """n crisp 'digits': a ring three pixels wide and a bar, at places that vary with the index."""
+    yy, xx = np.mgrid[:28, :28]
+    images = np.zeros((n, 28, 28), np.uint8)
+    for i in range(n):
+        cy, cx, r = 12 + i % 5, 12 + i % 4, 6 + i % 3
+        ring = np.abs(np.hypot(yy - cy, xx - cx) - r) <= 1.5
+        images[i][ring] = 255
+        images[i, 20:23, 6 + i % 6:18 + i % 6] = 255
+    return images
+
+
+def test_sharpness_falls_with_blur_and_is_not_raised_by_speckle(nb):
+    clean = digits_with_strokes()
+    rng = np.random.default_rng(0)
+    speckled = clean.copy()
+    dots = rng.uniform(size=clean.shape) < 0.04  # scattered single bright pixels, 4% of the image
+    speckled[dots] = 255
+    blurred = torch.nn.functional.avg_pool2d(torch.tensor(clean[:, None], dtype=torch.float), 3, 1, 1)
+    blurred = blurred[:, 0].round().to(torch.uint8).numpy()
+    sharp, speck, blur = nb.sharpness(clean), nb.sharpness(speckled), nb.sharpness(blurred)
+    assert speck <= sharp * 1.02  # dots do not make the strokes look sharper
+    raw = lambda x: np.abs(np.diff(x.astype(float) / 255, axis=1)).mean()  # unfiltered, dots raise it
+    assert raw(speckled) > 1.3 * raw(clean)
+    assert blur < 0.8 * sharp
+    only_dots = torch.tensor(np.where(dots & (clean == 0), 255, 0), dtype=torch.float)
+    assert nb.median3(only_dots).sum() < 0.01 * only_dots.sum()  # scattered dots vanish (a few chance clusters stay)
+    kept = nb.median3(torch.tensor(clean, dtype=torch.float)).sum() / clean.astype(float).sum()
+    assert kept > 0.9  # strokes three pixels wide stay (the filter rounds their corners)
+
+
+def test_share_range_is_the_wilson_interval(nb):
+    low, high = nb.share_range(0.5, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    low, high = nb.share_range(1.0, 200)  # never wrong in 200: the range still says how sure
+    assert high == 1.0 and 0.97 < low < 0.99
+    assert nb.share_range(0.0, 200)[0] == 0.0
+
+
+def test_bootstrap_range_covers_a_second_draw(nb):
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(1000, 8))
+    covered = 0
+    for trial in range(20):
+        first, second = (rng.normal(0.2, 1.0, size=(1000, 8)) for _ in range(2))
+        again = rng.normal(size=(1000, 8))  # a new reference too
+        fid = nb.frechet_distance(first, ref)
+        low, high = nb.bootstrap_range(nb.frechet_distance, fid, first, ref, draws=50, seed=trial)
+        assert low < fid < high
+        covered += low <= nb.frechet_distance(second, again) <= high
+    assert covered >= 17  # a 95% range: about 19 of 20
+
+
+def test_memorisation_flags_copies_of_training_digits(nb):
+    from conftest import fake_digits
+
+    train, test = torch.as_tensor(fake_digits(500, seed=5)[0]), fake_digits(200, seed=6)[0]
+    ctx = nb.Run(nb.Config())
+    ctx.train = (train, None)
+    real, _ = nb.nearest_distances(test, train)
+    distances, index = nb.nearest_distances(train[:3].numpy(), train)
+    assert np.allclose(distances, 0, atol=1e-3) and index.tolist() == [0, 1, 2]
+    copies = nb.memorisation(ctx, train[100:300].numpy(), real)  # 200 exact copies
+    assert copies["near_copy_share"] == 1.0 and copies["closest"][0][2] < 1e-3
+    fresh = nb.memorisation(ctx, fake_digits(200, seed=7)[0], real)  # new draws, as a model that does not copy
+    assert fresh["near_copy_share"] < 0.05 and fresh["near_copy_range"][0] <= nb.COPY_QUANTILE
+    half = nb.memorisation(ctx, np.concatenate([train[:100].numpy(), fake_digits(100, seed=8)[0]]), real)
+    assert 0.45 <= half["near_copy_share"] <= 0.55 and len(half["closest"]) == 6
+
+
+def test_two_sample_test_sees_real_against_real_as_chance_and_a_shift_at_once(nb):
+    from conftest import fake_digits
+
+    cfg = nb.make_config(["--profile", "smoke", "--detector-steps", "60"], env={})
+    real, again = fake_digits(600, seed=3)[0], fake_digits(600, seed=4)[0]
+    same = nb.two_sample_test(real, again, cfg, torch.device("cpu"), seed=0)
+    assert same["n_fit"] == same["n_test"] == 600
+    assert same["range"][0] <= 0.5 <= same["range"][1]  # two draws of one distribution: a coin
+    shifted = np.roll(again, 3, axis=2)  # the same digits three pixels to the right
+    moved = nb.two_sample_test(real, shifted, cfg, torch.device("cpu"), seed=0)
+    assert moved["accuracy"] > 0.95 and moved["range"][0] > 0.9
+    state = torch.get_rng_state()
+    nb.two_sample_test(real, again, cfg, torch.device("cpu"), seed=0)
+    assert torch.equal(state, torch.get_rng_state())  # the run's random state is left as it was
 
 
 def test_precision_recall_known_cases(nb):
@@ -269,6 +355,7 @@ def test_controllability_of_obedient_and_deaf_generators(nb):
 def fake_model_metrics(rng):
     drift = {"fid": rng.uniform(0, 500), "real_gap": rng.uniform(1, 100), "n": 1000} if rng.uniform() < 0.8 else None
     return {"fid": rng.uniform(0.01, 1000), "inception_score": rng.uniform(1, 10), "precision": rng.uniform(),
+            "two_sample": {"accuracy": rng.uniform(0.3, 1.0)},
             "recall": rng.uniform(), "sharpness": rng.uniform(0, 0.5), "coverage": rng.uniform(),
             "smallest_class_share": rng.uniform(0, 0.1), "epoch_drift": drift, "train_seconds": rng.uniform(0.1, 5000),
             "seconds_per_image": rng.uniform(1e-6, 10), "seconds_per_image_batch1": rng.uniform(1e-5, 100),
@@ -293,7 +380,7 @@ def test_scores_stay_in_unit_interval(nb):
             assert all(0.0 <= s[a] <= 1.0 for a in ("clarity", "control", "stability", "efficiency")), s
     m = fake_model_metrics(rng)
     best = dict(m, fid=50.0, inception_score=9.6, coverage=1.0, recall=1.0, smallest_class_share=0.1,
-                epoch_drift={"fid": 0.0, "real_gap": 50.0, "n": 1000})
+                epoch_drift={"fid": 0.0, "real_gap": 50.0, "n": 1000}, two_sample={"accuracy": 0.5})
     assert nb.clarity_score(best, REAL) == pytest.approx(1.0)
     assert nb.stability_score(best) == pytest.approx(1.0)
     costs = {"a": dict(m, train_seconds=1, seconds_per_image=1, seconds_per_image_batch1=1, peak_memory_mb=1),
@@ -302,12 +389,12 @@ def test_scores_stay_in_unit_interval(nb):
 
 
 def test_clarity_falls_as_fid_rises_on_a_log_scale(nb):
-    m = {"inception_score": 7.0}
+    m = {"inception_score": 7.0, "two_sample": {"accuracy": 0.8}}
     fids = [50, 60, 100, 200, 400, 800, 999]
     clarity = [nb.clarity_score(dict(m, fid=f), REAL) for f in fids]
     assert all(a > b for a, b in zip(clarity, clarity[1:]))
-    # log scale: every halving of the FID gains the same, 0.5 * log 2 / log CLARITY_WORST
-    gain = 0.5 * math.log(2) / math.log(nb.CLARITY_WORST)
+    # log scale: every halving of the FID gains the same, (1/3) log 2 / log CLARITY_WORST
+    gain = math.log(2) / math.log(nb.CLARITY_WORST) / 3
     assert clarity[2] - clarity[3] == pytest.approx(gain) and clarity[3] - clarity[4] == pytest.approx(gain)
     assert nb.fid_term(nb.CLARITY_WORST * 50, 50) == 0.0 == nb.fid_term(10 ** 6, 50) and nb.fid_term(30, 50) == 1.0
     # FIDs 100, 250, 400, 500 with Inception Scores within 0.5 of each other keep FID's order; precision and
@@ -315,13 +402,24 @@ def test_clarity_falls_as_fid_rises_on_a_log_scale(nb):
     rng = np.random.default_rng(1)
     for _ in range(100):
         models = {n: {"fid": f, "inception_score": 6 + rng.uniform(0, 0.5), "precision": rng.uniform(),
-                      "sharpness": rng.uniform()} for n, f in zip("abcd", (100, 250, 400, 500))}
+                      "sharpness": rng.uniform(), "two_sample": {"accuracy": 0.9}}
+                  for n, f in zip("abcd", (100, 250, 400, 500))}
         results = {"models": models, "scores": {n: {"clarity": nb.clarity_score(mm, REAL)} for n, mm in models.items()}}
         assert nb.clarity_agreement(results) == 1.0
     models["c"]["inception_score"] = 3.0
     results["scores"]["c"]["clarity"] = nb.clarity_score(models["c"], REAL)
     assert nb.clarity_agreement(results) == pytest.approx(0.8)
     assert nb.clarity_agreement({"models": {"a": {"fid": 1}}, "scores": {"a": {"clarity": 1}}}) is None
+    # the detector's accuracy is a third of clarity, and its order is compared with clarity's too
+    told = {n: {"fid": f, "inception_score": 6.0, "two_sample": {"accuracy": a}}
+            for n, f, a in zip("abcd", (100, 250, 400, 500), (0.6, 0.7, 0.8, 0.99))}
+    assert nb.clarity_score(told["a"], REAL) - nb.clarity_score(dict(told["a"], two_sample={"accuracy": 1.0}), REAL) \
+        == pytest.approx(2 * 0.4 / 3)
+    results = {"models": told, "scores": {n: {"clarity": nb.clarity_score(mm, REAL)} for n, mm in told.items()}}
+    assert nb.clarity_agreement(results, nb.detector_accuracy) == 1.0
+    for mm in told.values():
+        mm["two_sample"]["accuracy"] = 1.0  # a detector that tells every model apart ranks none of them
+    assert nb.clarity_agreement(results, nb.detector_accuracy) is None
 
 
 def test_stability_falls_as_the_last_epoch_moves_the_samples_more(nb):
@@ -410,10 +508,21 @@ def test_profiles_and_overrides(nb):
     (["--epoch-fid-samples", "3"], "epoch_fid_samples"),
     (["--epoch-fid-ddim-steps", "0"], "epoch_fid_ddim_steps"),
     (["--benchmark", "sometimes"], "valid switch"),
+    (["--n-samples", "200"], r"eval_held_out \(100\) must be at least n_samples \(200\)"),
+    (["--detector-steps", "0"], "detector_steps must be 1"),
+    (["--bootstrap", "1"], "bootstrap must be 2"),
 ])
 def test_bad_settings_fail_with_a_message(nb, argv, message):
     with pytest.raises(nb.SetupError, match=message):
         nb.make_config(["--profile", "smoke"] + argv, env={})
+
+
+def test_held_out_digits_must_leave_the_evaluator_some(nb, tiny_mnist, tmp_path):
+    """Checked as soon as the data is loaded, before any training: 600 held out of 512 training digits."""
+    cfg = nb.make_config(["--profile", "smoke", "--eval-held-out", "600", "--data-root", str(tiny_mnist),
+                          "--out", str(tmp_path)], env={})
+    with pytest.raises(nb.SetupError, match="eval_held_out 600 must be fewer than the 512 training images"):
+        nb.start(nb.Run(cfg))
 
 
 def test_fp16_steps_scale_the_loss(nb):
