@@ -2155,8 +2155,8 @@ def ddpm_section(ctx):
 # every metric below. All of them compare `n_samples` generated images with as many MNIST **test**
 # digits. The last `eval_held_out` training digits are kept from the evaluator: the same numbers on
 # those against the test digits give the **floor**, what a perfect model scores. Both sets are digits
-# the evaluator never saw, so neither is favoured (its own training digits would fit its features
-# better than any other set, and pull the floor down).
+# the evaluator never saw: its features of the digits it trained on are not those of unseen digits,
+# and a floor from them would be biased.
 
 # %%
 class Evaluator(nn.Module):
@@ -3204,6 +3204,24 @@ def within_noise(m: dict, order: list, low_high, measure: str) -> str:
             + ", ".join(f"{title(a)} and {title(b)}" for a, b in pairs) + ".")
 
 
+def apart(a: dict, b: dict, low_high) -> bool:
+    """a lies below b beyond their 95% ranges."""
+    return low_high(a)[1] < low_high(b)[0]
+
+
+def disagreement(m: dict, by_fid: list) -> str:
+    """The pairs that FID and the detector both tell apart, but in opposite orders."""
+    pairs = [(a, b) for i, a in enumerate(by_fid) for b in by_fid[i + 1:]
+             if apart(m[a], m[b], lambda x: x["fid_range"])
+             and apart(m[b], m[a], lambda x: x["two_sample"]["range"])]
+    if not pairs:
+        return " Where both measures tell two models apart, they order them alike."
+    return (" FID and the detector order these pairs oppositely, each beyond its ranges: "
+            + ", ".join(f"{title(a)} better than {title(b)} by FID, worse by the detector" for a, b in pairs)
+            + ". The detector sees every pixel (backgrounds, stray dots, stroke texture); the FID sees only "
+              "the evaluator's class features.")
+
+
 def clarity_text(results: dict) -> str:
     m, real, thing = results["models"], results["real_test"], noun(results)
     by_fid = sorted(m, key=lambda n: m[n]["fid"])
@@ -3213,12 +3231,14 @@ def clarity_text(results: dict) -> str:
               f"({span(real['fid_floor_range'])}), the floor.")
     text += within_noise(m, by_fid, lambda x: x["fid_range"], "FID")
     by_detector = sorted(m, key=lambda n: m[n]["two_sample"]["accuracy"])
-    text += (f" A detector trained afresh to tell each model's {thing}s from real test {thing}s places "
-             + ", ".join(f"{title(n)}'s {100 * m[n]['two_sample']['accuracy']:.1f}% "
+    text += (f" A detector trained afresh to tell each model's {thing}s from real test {thing}s is right on this "
+             "share of its test images (50% = it cannot tell them apart): "
+             + ", ".join(f"{title(n)} {100 * m[n]['two_sample']['accuracy']:.1f}% "
                          f"({span(m[n]['two_sample']['range'], 1, 100)})" for n in by_detector)
-             + f" of its test images right (50% = it cannot tell them apart); on held-out real {thing}s it scores "
-               f"{100 * real['two_sample']['accuracy']:.1f}% ({span(real['two_sample']['range'], 1, 100)}).")
+             + f"; on held-out real {thing}s {100 * real['two_sample']['accuracy']:.1f}% "
+               f"({span(real['two_sample']['range'], 1, 100)}).")
     text += within_noise(m, by_detector, lambda x: x["two_sample"]["range"], "the detector")
+    text += disagreement(m, by_fid)
     by_precision = sorted(m, key=lambda n: -m[n]["precision"])
     text += (f" Precision is highest for {title(by_precision[0])} ({m[by_precision[0]]['precision']:.2f}) and "
              f"lowest for {title(by_precision[-1])} ({m[by_precision[-1]]['precision']:.2f}); real {thing}s "

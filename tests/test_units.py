@@ -623,3 +623,20 @@ def test_history_means_and_non_finite_loss(nb):
     hist.log(loss=torch.tensor(float("nan")))
     with pytest.raises(FloatingPointError, match="demo: the loss loss became non-finite"):
         hist.end_epoch()
+
+
+def test_the_report_calls_models_different_only_beyond_their_ranges(nb):
+    def model(fid, low, high, acc, acc_low, acc_high):
+        return {"fid": fid, "fid_range": [low, high], "two_sample": {"accuracy": acc, "range": [acc_low, acc_high]}}
+
+    m = {"cgan": model(40, 30, 50, 0.75, 0.72, 0.78), "ddpm": model(200, 180, 230, 0.995, 0.985, 1.0),
+         "gan": model(330, 300, 350, 0.72, 0.69, 0.75), "vae": model(360, 340, 390, 0.97, 0.96, 0.98)}
+    by_fid = ["cgan", "ddpm", "gan", "vae"]
+    assert nb.overlapping(m, by_fid, lambda x: x["fid_range"]) == [("gan", "vae")]
+    assert "Within noise by FID (their 95% ranges overlap): GAN and VAE." in \
+        nb.within_noise(m, by_fid, lambda x: x["fid_range"], "FID")
+    said = nb.disagreement(m, by_fid)
+    assert "DDPM better than GAN by FID, worse by the detector" in said and \
+        "DDPM better than VAE by FID, worse by the detector" in said and "cGAN better" not in said
+    m["ddpm"]["two_sample"] = {"accuracy": 0.7, "range": [0.68, 0.73]}  # now both order it alike, or within noise
+    assert nb.disagreement(m, by_fid).startswith(" Where both measures tell two models apart, they order them alike")
