@@ -2980,8 +2980,9 @@ def plot_clarity_ranges(models: dict, real: dict, path: Path):
                    label=f"real digits {real_value:.1f} (95% range)")
         ax.set_xscale(scale)
         ax.set_yticks(range(len(names)), [title(n) for n in names])
+        ax.set_ylim(-0.5, len(names) + 0.3)  # headroom above the top model: the legend sits there
         ax.set_xlabel(label)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", frameon=False)
     axes[1].axvline(50, color="k", lw=0.8, ls=":")  # a coin: cannot tell them apart
     fig.suptitle(f"Clarity with 95% ranges ({real['n']} samples and test digits each)")
     show(fig, path)
@@ -3005,6 +3006,7 @@ def plot_memorisation(models: dict, samples: dict, train_uint8, path: Path):
     m = next(iter(models.values()))["memorisation"]
     fig.suptitle(f"The samples closest to a training digit, and that digit (near copy: distance below "
                  f"{m['threshold']:.2f})", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # the title just above the first row
     show(fig, path)
 
 
