@@ -1014,6 +1014,10 @@ class History:
     def load(self, saved: dict, probes=None):
         """Continue from a checkpoint's as_dict(): the clock resumes from its training seconds."""
         self.step, self.epoch = saved["step"], saved["epoch"]
+        for n in self.names:  # a loss the code that trained it did not log: NaN, shown as a gap
+            if n not in self.step:
+                self.step[n] = [float("nan")] * len(self.step[self.names[0]])
+                self.epoch[n] = [float("nan")] * len(self.epoch[self.names[0]])
         self.peak_memory_mb, self.memory_kind = saved["peak_memory_mb"], saved["memory_kind"]
         self.memory_parts = saved.get("memory_parts")
         self.seconds, self._mark = saved["train_seconds"], len(self.step[self.names[0]])
@@ -1967,10 +1971,12 @@ class UNet(nn.Module):
         return F.pixel_shuffle(self.head(h), 2)  # 4x14x14 -> 1x28x28: predicted noise
 
 
-def ddpm_loss(model, sched: Schedule, x0, gen: torch.Generator, min_snr: float = 0.0, y=None, p_uncond: float = 0.0):
+def ddpm_loss(model, sched: Schedule, x0, gen: torch.Generator, min_snr: float = 0.0, y=None, p_uncond: float = 0.0,
+              plain: bool = False):
     """MSE between the true noise eps and eps_theta(x_t, t) at uniform random t,
     weighted per timestep by min(SNR_t, gamma) / SNR_t when min_snr = gamma > 0.
-    With labels y (conditional model), each is replaced by the null label with probability p_uncond."""
+    With labels y (conditional model), each is replaced by the null label with probability p_uncond.
+    With plain=True: (the weighted loss, the unweighted MSE of the same draws), the second only to watch."""
     t = torch.randint(0, sched.T, (len(x0),), generator=gen, device=x0.device)
     eps = torch.randn(x0.shape, generator=gen, device=x0.device)
     x_t = q_sample(sched, x0, t, eps)
@@ -1978,10 +1984,11 @@ def ddpm_loss(model, sched: Schedule, x0, gen: torch.Generator, min_snr: float =
         drop = torch.rand(len(y), generator=gen, device=y.device) < p_uncond
         y = torch.where(drop, torch.full_like(y, model.n_classes), y)
     mse = (predict_eps(model, x_t, t, y) - eps).pow(2).mean(dim=(1, 2, 3))
+    weighted = mse
     if min_snr > 0:
         snr = sched.snr[t]
-        mse = mse * torch.clamp(snr, max=min_snr) / snr
-    return mse.mean()
+        weighted = mse * torch.clamp(snr, max=min_snr) / snr
+    return (weighted.mean(), mse.detach().mean()) if plain else weighted.mean()
 
 
 def predict_eps(model, x_t, t, y=None, w: float = 0.0):
@@ -2073,7 +2080,7 @@ class EMA:
 class DDPMTrainer:
     """The U-Net, Adam with linear warm-up, the EMA copy used for sampling, and the noise schedule.
     A conditional entry (the cDDPM, section C2) feeds the labels in, dropped with p_uncond."""
-    losses, fmt, signed, uses_sampler = ("loss",), ".4f", True, True
+    losses, fmt, signed, uses_sampler = ("loss", "mse"), ".4f", True, True  # loss: weighted; mse: plain
 
     def __init__(self, name: str, cfg: Config, device):
         self.name, self.cfg, self.device = name, cfg, device
@@ -2098,13 +2105,13 @@ class DDPMTrainer:
 
     def step(self, xb, yb) -> dict:
         with autocast(self.cfg, self.device):
-            loss = ddpm_loss(self.model, self.sched, to_signed(xb), self.noise_gen, self.cfg.ddpm_min_snr,
-                             y=yb if self.conditional else None, p_uncond=self.cfg.cddpm_p_uncond)
+            loss, mse = ddpm_loss(self.model, self.sched, to_signed(xb), self.noise_gen, self.cfg.ddpm_min_snr,
+                                  y=yb if self.conditional else None, p_uncond=self.cfg.cddpm_p_uncond, plain=True)
         self.scaler.backward_step(loss, self.opt)
         self.warmup.step()
         if self.ema:
             self.ema.update(self.model)
-        return {"loss": loss}
+        return {"loss": loss, "mse": mse}
 
     @property
     def net(self) -> nn.Module:
