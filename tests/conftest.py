@@ -200,7 +200,13 @@ def copy_run(out: Path, to: Path) -> Path:
 FIGURES = ["vae_samples.png", "gan_samples.png", "cgan_grid.png", "ddpm_samples.png",
            "comparison.png", "loss_curves.png", "epoch_fid.png", "controllability.png",
            "scores_3d.png", "scores_radar.png", "vae_latent_3d.png", "vae_reconstructions.png",
-           "annotated_samples.png", "clarity_ranges.png", "memorisation.png"]
+           "annotated_samples.png", "clarity_ranges.png", "memorisation.png",
+           # how each model works and how it learned (section 7), quality per second (Part B), play (section 14)
+           "data_digits.png", "vae_losses.png", "gan_losses.png", "cgan_losses.png", "ddpm_losses.png",
+           "vae_epochs.png", "gan_epochs.png", "cgan_epochs.png", "ddpm_epochs.png", "vae_latent_walk.png",
+           "cgan_style.png", "ddpm_forward.png", "ddpm_schedule.png", "ddpm_reverse.png", "fid_per_second.png",
+           "play_cgan.png", "play_ddpm.png", "play_vae.png"]
+GIFS = [f"{name}_epochs.gif" for name in ("vae", "gan", "cgan", "ddpm")]
 AXES = ("clarity", "control", "stability", "efficiency")
 NETWORKS = {"vae": ["vae"], "gan": ["generator", "discriminator"], "cgan": ["generator", "discriminator"],
             "ddpm": ["unet", "unet_ema"]}
@@ -226,6 +232,11 @@ def check_outputs(out: Path, n_samples: int, epochs: int) -> dict:
         assert all(isinstance(state[k], dict) and state[k] for k in NETWORKS[name])
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == set(DEFAULT_MODELS)
+    listed = {f["file"] for f in results["figures"]}
+    for figure in FIGURES + GIFS:  # every figure is listed in results.json (a GIF through its epochs figure)
+        assert figure in listed or figure.replace(".gif", ".png") in listed, figure
+    for gif in GIFS:
+        assert (out / gif).stat().st_size > 1000 and f"]({gif})" in (out / "REPORT.md").read_text(), gif
     assert results["config"]["seed"] == 42 and results["environment"]["torch"] == torch.__version__
     assert results["models"]["ddpm"]["sampler"].startswith("DDIM")
     for name, m in results["models"].items():

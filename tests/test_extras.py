@@ -204,7 +204,8 @@ def test_extra_models_and_studies_smoke_run(nb, tiny_mnist, tmp_path, capsys):
         assert data["images"].shape == (20, 28, 28) and counts.min() == counts.max() == 2
     state = torch.load(out / "checkpoints" / "wgan.pt", weights_only=True)
     assert {"generator", "critic", "critic_steps"} <= set(state)
-    for figure in ("wgan_samples.png", "cddpm_grid.png", "cddpm_guidance.png", "sweeps.png", "reference_ddpm.png"):
+    for figure in ("wgan_samples.png", "cddpm_grid.png", "cddpm_guidance.png", "cddpm_style.png", "wgan_epochs.png",
+                   "sweeps.png", "reference_ddpm.png"):
         assert (out / figure).stat().st_size > 1000, figure
     assert not (out / "sampler_study.png").exists()
     report = (out / "REPORT.md").read_text()

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import jupytext
 import nbformat
 import numpy as np
 import pandas as pd
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import FIGURES, NOTEBOOK, ROOT, SMOKE_EPOCHS, SMOKE_SAMPLES, check_outputs
+from conftest import FIGURES, NOTEBOOK, ROOT, SCRIPT, SMOKE_EPOCHS, SMOKE_SAMPLES, check_outputs
 
 
 class ToyTrainer:
@@ -62,6 +63,32 @@ def with_toy(nb, monkeypatch):
     monkeypatch.setattr(nb, "STAGES", stages)
 
 
+def test_the_models_come_first_and_the_machinery_is_folded():
+    """Reading order: the four models' sections open within the first 400 lines of the twin, before the
+    machinery; every machinery code cell has a Colab title (so it shows folded); each model's training cell
+    sits under a heading that names the model and links back to its definition."""
+    text = SCRIPT.read_text()
+    lines = text.splitlines()
+
+    def line_of(heading):
+        return next(i + 1 for i, line in enumerate(lines) if line.startswith(heading))
+    first = line_of("# ## 2. Variational autoencoder")
+    machinery = line_of("# ## 6. The machinery")
+    assert first <= 400, first
+    assert first < line_of("# ## 3. Generative adversarial") < line_of("# ## 4. Conditional GAN") \
+        < line_of("# ## 5. Denoising diffusion") < machinery < line_of("# ## 7. Training") < line_of("# # Part B")
+    nb_cells = jupytext.read(SCRIPT).cells
+    start = next(i for i, c in enumerate(nb_cells) if c.source.startswith("<a id=\"machinery\"></a>"))
+    end = next(i for i, c in enumerate(nb_cells) if c.source.startswith("<a id=\"training\"></a>"))
+    untitled = [c.source.splitlines()[0] for c in nb_cells[start:end]
+                if c.cell_type == "code" and not c.source.startswith("# @title")]
+    assert not untitled, untitled
+    for anchor, number in (("vae", 2), ("gan", 3), ("cgan", 4), ("ddpm", 5)):
+        assert f"(defined in [section {number}](#{anchor}))" in text and f'<a id="{anchor}"></a>' in text
+    for target in re.findall(r"\]\(#([a-z0-9-]+)\)", text):  # every link of the contents has its anchor
+        assert f'<a id="{target}"></a>' in text, target
+
+
 @pytest.mark.e2e
 def test_a_new_model_is_one_entry_and_one_section(nb, tiny_mnist, tmp_path, monkeypatch):
     with_toy(nb, monkeypatch)
@@ -102,9 +129,10 @@ def test_papermill_parameters_run_the_notebook(notebook_run):
     check_outputs(notebook_run.out, SMOKE_SAMPLES, SMOKE_EPOCHS)
     images = sum(1 for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
                  if "image/png" in o.get("data", {}))
-    assert images >= len(FIGURES) + 4  # each model's losses in its section, and every figure, shown inline
+    assert images >= len(FIGURES)  # every figure (each model's section pictures among them), shown inline
     vae_cell = next(c for c in notebook.cells if c.cell_type == "code" and "def vae_section" in c.source)
-    assert sum("image/png" in o.get("data", {}) for o in vae_cell.outputs) == 2  # shown right there
+    # shown right there: its losses, ten samples, its epochs, reconstructions and interpolations, the latent walk
+    assert sum("image/png" in o.get("data", {}) for o in vae_cell.outputs) == 5
     assert f"vae epoch 1/{SMOKE_EPOCHS}" in "".join(o.get("text", "") for o in vae_cell.outputs)
 
 
@@ -120,7 +148,7 @@ def test_committed_notebook_holds_a_real_run():
     assert re.search(r"wall time: \d+(\.\d+)? min", first), "the run's wall time, filled in when it ended"
     assert "assignment checklist: all items met" in "".join(texts)
     images = sum("image/png" in o.get("data", {}) for c in code for o in c.get("outputs", []))
-    assert images >= 15
+    assert images >= 30  # every section-7 picture, the comparison figures and the play cell's, inline
     assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
 
 

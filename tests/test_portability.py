@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import NOTEBOOK, SCRIPT, SMOKE_EPOCHS, in_process, smoke_args, started
+from conftest import DEFAULT_MODELS, NOTEBOOK, SCRIPT, SMOKE_EPOCHS, in_process, smoke_args, started
 
 
 def fake_colab(monkeypatch, calls):
@@ -152,10 +152,16 @@ def test_a_failure_while_running_keeps_its_own_exit_status(tiny_mnist, tmp_path)
 
 @pytest.mark.e2e
 def test_time_estimates_before_training_and_after_the_first_epoch(nb, notebook_run, tiny_mnist):
-    """Each model's section estimates its time before training and again after its first epoch (the notebook
-    run's output); the cells' wall times go into results.json and the report."""
+    """Before any model trains, one line estimates the whole run; each model's cell estimates its time before
+    training and again after its first epoch (the notebook run's output); the estimate and the actual time, and
+    the cells' wall times, go into results.json and the report."""
     said = notebook_run.text
-    assert "time estimate: VAE about" in said and "DDPM are timed when their sections start" in said
+    assert said.index("time estimate for the whole run on this machine: about") < said.index("time estimate: VAE about")
+    whole = notebook_run.results()["time_estimate"]
+    assert whole["total"] > 0 and set(whole["models"]) == set(DEFAULT_MODELS) and whole["detectors"] > 0
+    assert whole["actual"] == notebook_run.results()["total_seconds"] > 0
+    assert "(estimated before training: " in said
+    assert "Estimated before any model trained: " in (notebook_run.out / "REPORT.md").read_text()
     assert "time estimate after VAE's first epoch" in said and "time estimate after DDPM's first epoch" in said
     seconds = notebook_run.results()["stage_seconds"]
     assert {"start", "vae_section", "ddpm_section", "measure_section", "report_section"} <= set(seconds)

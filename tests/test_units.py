@@ -1,4 +1,5 @@
 """Unit tests of the notebook's definitions: shapes, losses, the diffusion maths, configuration."""
+import json
 import math
 import subprocess
 import sys
@@ -155,6 +156,60 @@ def test_ddpm_loss_weighting(nb):
     assert 0 < weighted.item() <= plain.item()  # min(SNR, 5) / SNR <= 1
     snr = sched.snr
     assert (torch.clamp(snr, max=5) / snr)[-1].item() == pytest.approx(1.0)  # noisy steps keep weight 1
+
+
+def test_forward_process_figure_follows_the_schedule(nb):
+    """The forward-process figure's x_t: x_0 itself at t = 0, and at t > 0 the signal scaled by sqrt(alpha-bar_t)
+    with noise of standard deviation sqrt(1 - alpha-bar_t), the maths' t counting from 1 in the code's arrays."""
+    sched = nb.Schedule()
+    x0 = torch.rand(64, 1, 28, 28) * 2 - 1
+    ts = [0, 1, 100, 500, 1000]
+    frames = nb.forward_process(sched, x0, ts, torch.Generator().manual_seed(0))
+    assert frames.shape == (len(ts), 64, 1, 28, 28)
+    assert torch.equal(frames[0], x0)
+    assert nb.alpha_bar_at(sched, 1) == pytest.approx(1 - 1e-4) and nb.alpha_bar_at(sched, 0) == 1.0
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    for frame, t in zip(frames[1:], ts[1:]):
+        ab = float(sched.alpha_bar[t - 1])
+        noise = frame - ab ** 0.5 * x0
+        assert noise.std().item() == pytest.approx((1 - ab) ** 0.5, rel=0.02)
+        assert torch.allclose(noise, (1 - ab) ** 0.5 * eps, atol=1e-5)  # one eps for every t
+    assert frames[-1].std().item() == pytest.approx(1.0, abs=0.02)  # x_T: pure noise
+
+
+def test_ddim_trace_keeps_the_samples(nb):
+    """Recording the reverse process changes nothing it draws; it keeps x_t and the predicted x_0 of each step."""
+    sched, model = nb.Schedule(), nb.UNet(16).eval()
+    trace = []
+    plain = nb.sample_ddim(model, sched, 3, torch.Generator().manual_seed(2), "cpu", 4, False, eta=1.0)
+    traced = nb.sample_ddim(model, sched, 3, torch.Generator().manual_seed(2), "cpu", 4, False, eta=1.0, trace=trace)
+    assert torch.equal(plain, traced)
+    assert [t for t, _, _ in trace] == nb.ddim_timesteps(sched.T, 4)
+    assert all(x.shape == x0.shape == (3, 1, 28, 28) and x0.abs().max() <= 1 for _, x, x0 in trace)
+
+
+def test_epoch_frames_and_their_gif(nb, tmp_path):
+    from PIL import Image
+    probes = [np.full((40, 28, 28), 20 * e, np.uint8) for e in range(5)]
+    frames = nb.epoch_frames(probes, 32)
+    assert frames.shape == (5, 32, 28, 28) and (frames[3] == 60).all()
+    nb.write_gif(frames, tmp_path / "e.gif", cols=8)
+    with Image.open(tmp_path / "e.gif") as gif:
+        assert gif.n_frames == 5 and gif.size == (8 * 28 * 2, 4 * 28 * 2)
+
+
+def test_a_checkpoint_without_a_newer_log_loads_it_as_gaps(nb):
+    """A history saved by code that logged fewer losses and no per-epoch seconds: those load as NaN."""
+    old = nb.History("ddpm", "loss")
+    for _ in range(3):
+        old.log(loss=torch.tensor(1.0))
+    old.end_epoch()
+    saved = old.as_dict()
+    del saved["epoch_seconds"]
+    new = nb.History("ddpm", "loss", "mse")
+    new.load(saved)
+    assert len(new.step["mse"]) == 3 and np.isnan(new.epoch["mse"]).all() and np.isnan(new.epoch_seconds).all()
+    assert new.epochs_done == 1
 
 
 def test_attention_matches_torch_sdpa(nb):
@@ -640,3 +695,32 @@ def test_the_report_calls_models_different_only_beyond_their_ranges(nb):
         "DDPM better than VAE by FID, worse by the detector" in said and "cGAN better" not in said
     m["ddpm"]["two_sample"] = {"accuracy": 0.7, "range": [0.68, 0.73]}  # now both order it alike, or within noise
     assert nb.disagreement(m, by_fid).startswith(" Where both measures tell two models apart, they order them alike")
+
+
+def test_the_report_warns_when_the_models_trained_unequally(nb):
+    unequal = {"models": {"vae": {"epochs": 10}, "gan": {"epochs": 3}, "cgan": {"epochs": 8}, "ddpm": {"epochs": 5}}}
+    text = " ".join(nb.epochs_caveat(unequal))
+    assert "GAN-to-cGAN gap, for one, mixes conditioning with 3 against 8 epochs" in text and "30 epochs" in text
+    assert nb.epochs_caveat({"models": {n: {"epochs": 30} for n in ("vae", "gan", "cgan", "ddpm")}}) == []
+
+
+def test_the_report_says_which_conclusions_another_run_changes(nb, tmp_path):
+    def run(profile, fids, detector, collapsed=()):
+        models = {n: {"epochs": 30 if profile == "full" else 3, "fid": f, "two_sample": {"accuracy": a},
+                      "sharpness": 0.1, "coverage": 0.5 if n in collapsed else 1.0, "smallest_class_share": 0.1}
+                  for n, f, a in zip(("vae", "gan", "ddpm"), fids, detector)}
+        return {"config": {"profile": profile}, "environment": {"code_commit": "abc"}, "models": models,
+                "scores": {n: {"clarity": 1 / m["fid"], "stability": 0.5} for n, m in models.items()}}
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "results.json").write_text(json.dumps(run("cpu", (300, 200, 250), (0.9, 0.7, 0.99), ("gan",))))
+    full = run("full", (100, 150, 30), (0.8, 0.7, 0.6))
+    full["config"]["compare_run"] = str(tmp_path / "cpu")
+    text = "\n".join(nb.profile_comparison_markdown(full))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["lowest classifier-FID"] == ["DDPM", "GAN", "yes"]
+    assert rows["hardest for the detector to tell from real"] == ["DDPM", "GAN", "yes"]
+    assert rows["signs of mode collapse"] == ["none", "GAN", "yes"]
+    assert rows["the order by classifier-FID"] == ["DDPM < VAE < GAN", "GAN < DDPM < VAE", "yes"]
+    assert rows["most stable (stability score)"][2] == "no"
+    assert nb.profile_comparison_markdown(run("cpu", (1, 2, 3), (0.5, 0.5, 0.5))) == []
