@@ -2339,17 +2339,17 @@ def detector_step_seconds(ctx: Run) -> float:
 
 
 def evaluator_step_seconds(ctx: Run) -> float:
-    """Seconds of one training step of the evaluator on this machine (a throwaway copy)."""
-    gen = torch.Generator().manual_seed(ctx.cfg.seed)
-    net = Evaluator().to(ctx.device)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    xb, yb = random_batch(ctx.train, ctx.cfg, gen)
+    """Seconds of one training step of the evaluator on this machine (a throwaway copy, in the layout,
+    precision and optimizer its trainer in section 8 uses)."""
+    cfg, gen = ctx.cfg, torch.Generator().manual_seed(ctx.cfg.seed)
+    net = prepare(Evaluator(), cfg, ctx.device)
+    opt, scaler = adam(net.parameters(), 1e-3, ctx.device), LossScaler(cfg, ctx.device)
+    xb, yb = random_batch(ctx.train, cfg, gen)
 
     def step():
-        loss = F.cross_entropy(net(to_unit(xb)), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        with autocast(cfg, ctx.device):
+            logits = net(to_unit(xb))
+        scaler.backward_step(F.cross_entropy(logits.float(), yb), opt)
     return float(np.median(time_calls(step, 2, 3, ctx.device)))
 
 
@@ -4005,8 +4005,8 @@ def report_figures(results: dict) -> list:
     for n in results["models"]:
         figures += [(f"{n}_losses.png", f"{title(n)}: training losses"
                      + (f" and {MODELS[n].parts_title}" if MODELS[n].parts else "")),
-                    (f"{n}_epochs.png", f"{title(n)}: the same noise's samples after every epoch "
-                     f"(animated: [{n}_epochs.gif]({n}_epochs.gif))")]
+                    (f"{n}_epochs.png", f"{title(n)}: the same noise's samples after every epoch"),
+                    (f"{n}_epochs.gif", f"{title(n)}: the same, animated (one frame per epoch)")]
     figures += [("vae_latent_walk.png", "VAE: a walk through its latent space along two principal directions"),
                 ("cgan_style.png", "cGAN: the noise z fixed along each row, the label y across"),
                 ("cddpm_style.png", "cDDPM: the starting noise x_T fixed along each row, the label y across"),
