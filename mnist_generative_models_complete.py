@@ -1058,7 +1058,8 @@ class Config:
     detector_steps: int = setting(1000, "optimizer steps (batch 128) of the two-sample test's detector (sample "
                                         "or real?), trained afresh per model", "measuring", train=False,
                                   profiles={"smoke": 20})
-    bootstrap: int = setting(100, "bootstrap resamples behind the range of FID and Inception Score", "measuring",
+    bootstrap: int = setting(100, "bootstrap resamples behind the ranges of FID, Inception Score, precision and "
+                                  "recall", "measuring",
                              train=False, profiles={"smoke": 10})
     epoch_fid_samples: int = setting(1000, "samples per model drawn after every epoch for the per-epoch FID",
                                      "measuring", train=False, profiles={"smoke": 20})
@@ -2806,6 +2807,14 @@ def features(model, images_uint8) -> np.ndarray:
     return torch.cat(feats).numpy()
 
 
+def reference_digits(test_uint8: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n test digits drawn at random (seeded), in random order. MNIST's test set is not shuffled: its first
+    5,000 digits come from NIST's SD-3 and are drawn thinner than its last 5,000 (SD-1: fewer pixels above
+    127). So its first n would be a biased sample of it, and any first part of the reference (the
+    per-epoch FIDs', the two-sample test's fitting half) would be another kind of digit than the rest."""
+    return test_uint8[torch.randperm(len(test_uint8), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
 def prepare_evaluation(ctx: Run):
     """Train (or load) the evaluator once, and take its features of the reference test digits."""
     if ctx.evaluator is not None:
@@ -2818,7 +2827,7 @@ def prepare_evaluation(ctx: Run):
           "held out for the floor)" + (" (cached)" if cached else ""))
     ctx.results["evaluator"] = {"test_accuracy": acc, "cached": cached, "trained_on": seen,
                                 "held_out": cfg.eval_held_out}
-    ctx.reference = ctx.test[0][:cfg.n_samples]
+    ctx.reference = reference_digits(ctx.test[0], cfg.n_samples, cfg.seed + 10)
     ctx.ref_feats = features(ctx.evaluator, ctx.reference)
 
 
@@ -2854,7 +2863,13 @@ def evaluator_section(ctx):
 # cannot tell them apart at all,
 #   1 that it always can. It looks at the pixels, not at the evaluator's class features, so it sees
 #   strokes and backgrounds a classifier ignores. The same test on held-out training digits against
-#   test digits should give 0.5 (a test of the test).
+#   test digits should give 0.5 (a test of the test). MNIST's test set is ordered (its first 5,000
+#   digits are drawn thinner than its last 5,000), so the test digits every measure uses are drawn from
+#   it at random and shuffled: halves cut in order would otherwise fit the detector on one kind of
+#   digit and test it on another. It sees
+#   even a haze no eye sees: real backgrounds are exactly 0, so it runs a second time with the
+#   **faint** pixels (1 to `FAINT` = 10 grey levels of 255) set to 0 in both sets, and the report gives the
+#   share of faint pixels of every model.
 # * **sharpness**, the root mean square difference between neighbouring pixels (0-1 scale) after a 3x3
 #   median filter, beside the same number on real digits. The filter removes isolated dots and keeps
 #   strokes (two pixels wide or more), so blur lowers it and background speckle does not raise it.
@@ -2864,10 +2879,12 @@ def evaluator_section(ctx):
 #   training set than 99% of test digits are is a *near copy*; a model that does not copy has about 1%
 #   of them, one that copies its training digits close to 100%.
 #
-# Every number of a set of samples comes with a **95% range**: FID and Inception Score as the value
-# ± 1.96 standard deviations over `bootstrap` resamples of the samples and of the test digits; the
-# shares (precision, recall, the detector's accuracy) as the binomial (Wilson) interval of that many
-# trials. Two models differ on a measure only where their ranges do not overlap.
+# Every number of a set of samples comes with a **95% range**: FID, Inception Score, precision and
+# recall as the value ± 1.96 standard deviations over `bootstrap` resamples of the samples and of the
+# test digits (precision and recall keep each point's k-NN radius from the full set: a resample holds
+# duplicates, whose nearest neighbour is at distance 0); the detector's accuracy and the share of near
+# copies as the binomial (Wilson) interval of that many trials. Two models differ on a measure only
+# where their ranges do not overlap.
 #
 # ### Controllability: how cheaply does a user get the digit they want?
 # Every model gets the same question: with the best means it offers, what is the probability
@@ -2910,17 +2927,35 @@ def knn_radius(feats: torch.Tensor, k: int = PR_K) -> torch.Tensor:
                       for chunk in feats.split(2000)])
 
 
-def inside_manifold(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """For each point, True when it lies within radius[j] of some centre j."""
-    return torch.cat([(torch.cdist(chunk, centres) <= radius[None, :]).any(1) for chunk in points.split(2000)])
+def inside_manifold(points: torch.Tensor, centres: torch.Tensor, radius: torch.Tensor, draws: int = 0,
+                    seed: int = 0, z: float = 1.96) -> tuple:
+    """The share of points that lie within radius[j] of some centre j, and its 95% range: +- z standard
+    deviations of that share over `draws` bootstrap resamples of the points and of the centres. A resample
+    keeps each centre's radius: redrawn with replacement, a set holds duplicates, whose k-NN distance is 0.
+    Resampled centres enter only through which of them are drawn (one matrix product per chunk of points
+    does every draw), resampled points through how often each is drawn."""
+    rng = np.random.default_rng(seed)
+    n, c = len(points), len(centres)
+    drawn = np.stack([np.bincount(rng.integers(0, c, c), minlength=c) > 0 for _ in range(draws)], 1) \
+        if draws else np.zeros((c, 0), dtype=bool)
+    centre_sets = torch.from_numpy(np.concatenate([np.ones((c, 1), dtype=bool), drawn], 1)).to(points).float()
+    inside = torch.cat([((torch.cdist(chunk, centres) <= radius[None, :]).float() @ centre_sets > 0).cpu()
+                        for chunk in points.split(2000)]).double()  # [n, 1 + draws]: all centres, then each draw
+    share = float(inside[:, 0].mean())
+    if not draws:
+        return share, None
+    counts = torch.from_numpy(np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(draws)], 1))
+    sd = float(((inside[:, 1:] * counts).sum(0) / n).std())
+    return share, [max(0.0, share - z * sd), min(1.0, share + z * sd)]
 
 
-def precision_recall(real_feats, fake_feats, k: int = PR_K) -> tuple:
-    """precision: share of fakes inside the real k-NN manifold; recall: share of reals inside the fake one."""
+def precision_recall(real_feats, fake_feats, k: int = PR_K, draws: int = 0, seed: int = 0) -> dict:
+    """precision: share of fakes inside the real k-NN manifold; recall: share of reals inside the fake one;
+    each with its bootstrap range (inside_manifold) when draws > 0."""
     real, fake = torch.as_tensor(real_feats).float(), torch.as_tensor(fake_feats).float()
-    precision = inside_manifold(fake, real, knn_radius(real, k)).double().mean()
-    recall = inside_manifold(real, fake, knn_radius(fake, k)).double().mean()
-    return float(precision), float(recall)
+    precision, precision_range = inside_manifold(fake, real, knn_radius(real, k), draws, seed)
+    recall, recall_range = inside_manifold(real, fake, knn_radius(fake, k), draws, seed + 1)
+    return {"precision": precision, "precision_range": precision_range, "recall": recall, "recall_range": recall_range}
 
 
 def median3(x: torch.Tensor) -> torch.Tensor:
@@ -2941,6 +2976,22 @@ def sharpness(images_uint8) -> float:
         squares = ((m[:, 1:, :] - m[:, :-1, :]) ** 2).mean(dim=(1, 2)) + ((m[:, :, 1:] - m[:, :, :-1]) ** 2).mean(dim=(1, 2))
         total += float((squares / 2).sqrt().sum())
     return total / len(x)
+
+
+FAINT = 10  # grey levels out of 255: a pixel above 0 and at most this is too faint to see on a screen
+
+
+def faint_share(images_uint8) -> float:
+    """The share of pixels that are faint (1 to FAINT): real MNIST backgrounds are exactly 0, and a model
+    that leaves a faint haze there is told from real digits by a detector, though no eye sees it."""
+    x = np.asarray(images_uint8)
+    return float(((x > 0) & (x <= FAINT)).mean())
+
+
+def without_faint(images_uint8) -> torch.Tensor:
+    """The images with their faint pixels set to 0 (the two-sample test again, without the haze)."""
+    x = torch.as_tensor(np.asarray(images_uint8) if not torch.is_tensor(images_uint8) else images_uint8).cpu()
+    return torch.where(x <= FAINT, torch.zeros_like(x), x)
 
 
 def share_range(share: float, n: int, z: float = 1.96) -> list:
@@ -2966,7 +3017,12 @@ def bootstrap_range(measure, value: float, *sets, draws: int, seed: int, z: floa
 
 def two_sample_test(real_uint8, fake_uint8, cfg: Config, device, seed: int) -> dict:
     """Train a Detector on the first half of each set (real = 1, fake = 0) for detector_steps, and report
-    its accuracy on the other halves with its 95% range. The run's own random state is left as it was."""
+    its accuracy on the other halves with its 95% range. The halves are cut in order, so each set's order
+    must mean nothing about its images: true of samples and of the shuffled reference digits
+    (reference_digits), not of MNIST's test set as stored. A conditional model's samples cycle through
+    the classes, so each half holds every class equally: random halves of a set whose class counts are
+    fixed would hold complementary surpluses, which the detector learns on one half and finds reversed on
+    the other (an accuracy below 0.5). The run's own random state is left as it was."""
     real, fake = (torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a).cpu()
                   for a in (real_uint8, fake_uint8))
     n = min(len(real), len(fake))
@@ -3078,12 +3134,24 @@ def control_phrase(c: dict, thing: str = "digit") -> str:
 COPY_QUANTILE = 0.01  # a near copy is closer to the training set than this share of real test digits are
 
 
+def pixel_pool(images_uint8: torch.Tensor) -> tuple:
+    """The images nearest_distances searches, prepared once: flat 0-1 vectors p [N, 784] and ||p||^2 [N]."""
+    pool = images_uint8.flatten(1).float() / 255.0
+    return pool, (pool * pool).sum(1)
+
+
+def training_pool(ctx: Run) -> tuple:
+    """pixel_pool of the training digits, made once per run and shared by every model and the real digits."""
+    if "training_pool" not in ctx.arrays:
+        ctx.arrays["training_pool"] = pixel_pool(ctx.train[0])
+    return ctx.arrays["training_pool"]
+
+
 @torch.inference_mode()
-def nearest_distances(queries_uint8, pool_uint8: torch.Tensor) -> tuple:
-    """For each query image, the Euclidean pixel distance (0-1 scale) to its nearest image in the pool, and
-    that image's index: ||q - p||^2 = ||q||^2 + ||p||^2 - 2 q.p, a matrix product per chunk of queries."""
-    pool = pool_uint8.flatten(1).float() / 255.0
-    pool_sq = (pool * pool).sum(1)
+def nearest_distances(queries_uint8, pool: tuple) -> tuple:
+    """For each query image, the Euclidean pixel distance (0-1 scale) to its nearest image of the pixel_pool,
+    and that image's index: ||q - p||^2 = ||q||^2 + ||p||^2 - 2 q.p, a matrix product per chunk of queries."""
+    pool, pool_sq = pool
     queries = torch.as_tensor(np.asarray(queries_uint8) if not torch.is_tensor(queries_uint8) else queries_uint8)
     dists, index = [], []
     for chunk in queries.split(1000):
@@ -3095,40 +3163,41 @@ def nearest_distances(queries_uint8, pool_uint8: torch.Tensor) -> tuple:
     return torch.cat(dists).double().numpy(), torch.cat(index).numpy()
 
 
-def real_nearest(ctx: Run) -> np.ndarray:
-    """The distance from each reference test digit (no model saw them) to its nearest training digit."""
-    if "real_nearest" not in ctx.arrays:
-        ctx.arrays["real_nearest"] = nearest_distances(ctx.reference, ctx.train[0])[0]
-    return ctx.arrays["real_nearest"]
+def real_nearest(ctx: Run) -> dict:
+    """How far the reference test digits (no model saw them) lie from their nearest training digits: the
+    median distance, and the near-copy threshold, closer than all but COPY_QUANTILE of them."""
+    distances = nearest_distances(ctx.reference, training_pool(ctx))[0]
+    return {"median_distance": float(np.median(distances)),
+            "threshold": float(np.quantile(distances, COPY_QUANTILE)), "n": len(distances)}
 
 
-def memorisation(ctx: Run, images, real_distances: np.ndarray, pairs: int = 6) -> dict:
-    """How close the samples come to the training digits, against real test digits (real_distances): the
-    share of near copies with its 95% range, the median distances, and the closest pairs (for the figure)."""
-    distances, index = nearest_distances(images, ctx.train[0])
-    threshold = float(np.quantile(real_distances, COPY_QUANTILE))
+def memorisation(ctx: Run, images, threshold: float, pairs: int = 6) -> dict:
+    """How close the samples come to the training digits: the share of near copies (closer than
+    `threshold`, from real_nearest) with its 95% range, the median distance, and the closest pairs (for the
+    figure)."""
+    distances, index = nearest_distances(images, training_pool(ctx))
     share = float((distances < threshold).mean())
     closest = np.argsort(distances)[:pairs]
     return {"near_copy_share": share, "near_copy_range": share_range(share, len(distances)),
-            "threshold": threshold, "median_distance": float(np.median(distances)),
-            "real_median_distance": float(np.median(real_distances)), "n": len(distances),
+            "median_distance": float(np.median(distances)), "n": len(distances),
             "closest": [[int(i), int(index[i]), float(distances[i])] for i in closest]}
 
 
 def clarity_metrics(ctx: Run, images, feats: np.ndarray, probs: torch.Tensor, seed: int) -> dict:
     """FID, Inception Score, precision, recall and the two-sample test of one set of images against the
-    reference test digits, each with its 95% range; and the images' sharpness."""
+    reference test digits, each with its 95% range (the test also with faint pixels removed from both sets);
+    and the images' sharpness and faint share."""
     cfg = ctx.cfg
     fid, inception = frechet_distance(feats, ctx.ref_feats), inception_score(probs)
-    precision, recall = precision_recall(ctx.ref_feats, feats)
     return {"fid": fid, "fid_range": bootstrap_range(frechet_distance, fid, feats, ctx.ref_feats,
                                                      draws=cfg.bootstrap, seed=seed),
             "inception_score": inception, "inception_score_range": bootstrap_range(
                 inception_score, inception, probs, draws=cfg.bootstrap, seed=seed),
-            "precision": precision, "precision_range": share_range(precision, len(feats)),
-            "recall": recall, "recall_range": share_range(recall, len(ctx.ref_feats)),
+            **precision_recall(ctx.ref_feats, feats, draws=cfg.bootstrap, seed=seed),
             "two_sample": two_sample_test(ctx.reference, images, cfg, ctx.device, seed),
-            "sharpness": sharpness(images)}
+            "two_sample_without_faint": two_sample_test(without_faint(ctx.reference), without_faint(images), cfg,
+                                                        ctx.device, seed),
+            "sharpness": sharpness(images), "faint_share": faint_share(images)}
 
 
 def sample_metrics(ctx: Run, model, images, asked) -> dict:
@@ -3146,7 +3215,7 @@ def measure_real(ctx: Run) -> dict:
     probs = predict(ctx.evaluator, real)
     m = clarity_metrics(ctx, real, real_features(ctx, n), probs, ctx.cfg.seed + 9)
     return {"n": n, "fid_floor": m.pop("fid"), "fid_floor_range": m.pop("fid_range"), **m, **class_stats(probs),
-            "nearest_train_median_distance": float(np.median(real_nearest(ctx)))}
+            "memorisation": real_nearest(ctx)}
 
 
 def seconds_per_image_at_batch_1(ctx: Run, trained: Trained) -> float:
@@ -3222,7 +3291,7 @@ def measure_model(ctx: Run, trained: Trained) -> dict:
         "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}, "epoch_loss": hist.epoch,
         "probe_seconds": hist.paused, **trained.extras}
     entry.update(sample_metrics(ctx, model, trained.samples, trained.asked))
-    entry["memorisation"] = memorisation(ctx, trained.samples, real_nearest(ctx))
+    entry["memorisation"] = memorisation(ctx, trained.samples, ctx.results["real_test"]["memorisation"]["threshold"])
     if hasattr(model, "codes"):
         if f"{name}_reconstructions" not in ctx.arrays:  # drawn by its section 7 cell, unless it trained elsewhere
             ctx.arrays[f"{name}_reconstructions"] = reconstructions(ctx, model)
@@ -3391,10 +3460,12 @@ def clarity_columns(m: dict, fid: str) -> dict:
     for column, value, low_high in (("fid", m[fid], m[fid + "_range"]),
                                     ("inception_score", m["inception_score"], m["inception_score_range"]),
                                     ("precision", m["precision"], m["precision_range"]),
-                                    ("two_sample_accuracy", m["two_sample"]["accuracy"], m["two_sample"]["range"])):
+                                    ("two_sample_accuracy", m["two_sample"]["accuracy"], m["two_sample"]["range"]),
+                                    ("two_sample_without_faint_accuracy", m["two_sample_without_faint"]["accuracy"],
+                                     m["two_sample_without_faint"]["range"])):
         columns.update({f"clarity_{column}": value, f"clarity_{column}_low": low_high[0],
                         f"clarity_{column}_high": low_high[1]})
-    columns["clarity_sharpness"] = m["sharpness"]
+    columns["clarity_sharpness"], columns["clarity_faint_share"] = m["sharpness"], m["faint_share"]
     return columns
 
 
@@ -3433,7 +3504,7 @@ def metrics_table(results: dict) -> pd.DataFrame:
     rows["real " + DATASETS[results["config"]["dataset"]]["title"]] = {
         **clarity_columns(real, "fid_floor"), "clarity_confidence": real["confidence"],
         "stability_coverage": real["coverage"],
-        "memorisation_median_distance": real["nearest_train_median_distance"],
+        "memorisation_median_distance": real["memorisation"]["median_distance"],
         "stability_smallest_class_share": real["smallest_class_share"], "stability_recall": real["recall"],
         "stability_recall_low": real["recall_range"][0], "stability_recall_high": real["recall_range"][1]}
     return pd.DataFrame.from_dict(rows, orient="index")
@@ -3535,16 +3606,24 @@ def plot_fid_per_second(models: dict, histories: dict, floor: float, path: Path)
 
 
 def plot_clarity_ranges(models: dict, real: dict, path: Path):
-    """Classifier-FID and the detector's accuracy per model with their 95% ranges, beside the real digits':
-    two models differ on a measure only where their bars do not overlap."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    """Classifier-FID, the detector's accuracy, precision and recall per model with their 95% ranges, beside
+    the real digits': two models differ on a measure only where their bars do not overlap."""
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.2))
     names = list(models)
+
+    def percent(key):  # a share and its range, in %, from an entry's key (the detector's under two_sample)
+        def get(m):
+            v, r = (m["two_sample"]["accuracy"], m["two_sample"]["range"]) if key == "two_sample" else (m[key], m[key + "_range"])
+            return 100 * v, [100 * r[0], 100 * r[1]]
+        return get
+
     panels = [(lambda m: (m["fid"], m["fid_range"]), (real["fid_floor"], real["fid_floor_range"]),
                "classifier-FID (log scale; lower is better)", "log"),
-              (lambda m: (100 * m["two_sample"]["accuracy"], [100 * v for v in m["two_sample"]["range"]]),
-               (100 * real["two_sample"]["accuracy"], [100 * v for v in real["two_sample"]["range"]]),
-               "the detector tells them from real digits (%)", "linear")]
-    for ax, (value, (real_value, real_range), label, scale) in zip(axes, panels):
+              (percent("two_sample"), percent("two_sample")(real), "the detector tells them from real digits (%)",
+               "linear"),
+              (percent("precision"), percent("precision")(real), "precision: inside the real manifold (%)", "linear"),
+              (percent("recall"), percent("recall")(real), "recall: real digits it covers (%)", "linear")]
+    for ax, (value, (real_value, real_range), label, scale) in zip(axes.flat, panels):
         floor = real_value / 100 if scale == "log" else -np.inf  # a log axis shows no range below 0
         for i, name in enumerate(names):
             v, (low, high) = value(models[name])
@@ -3557,12 +3636,13 @@ def plot_clarity_ranges(models: dict, real: dict, path: Path):
         ax.set_ylim(-0.5, len(names) + 0.3)  # headroom above the top model: the legend sits there
         ax.set_xlabel(label)
         ax.legend(fontsize=7, loc="upper center", frameon=False)
-    axes[1].axvline(50, color="k", lw=0.8, ls=":")  # a coin: cannot tell them apart
+    axes[0, 1].axvline(50, color="k", lw=0.8, ls=":")  # a coin: cannot tell them apart
     fig.suptitle(f"Clarity with 95% ranges ({real['n']} samples and test digits each)")
+    fig.tight_layout()
     show(fig, path)
 
 
-def plot_memorisation(models: dict, samples: dict, train_uint8, path: Path):
+def plot_memorisation(models: dict, threshold: float, samples: dict, train_uint8, path: Path):
     """Per model, its samples closest to a training digit (top) above that training digit (below), with the
     pixel distance: a near copy looks the same twice."""
     rows = [(name, m["memorisation"]["closest"]) for name, m in models.items()]
@@ -3577,9 +3657,8 @@ def plot_memorisation(models: dict, samples: dict, train_uint8, path: Path):
                     ax.imshow(samples[name][i] if k == 0 else train_uint8[j].cpu().numpy(), cmap="gray", vmin=0,
                               vmax=255)
                     ax.set_title(f"{title(name)} {d:.2f}" if k == 0 else "nearest train", fontsize=7)
-    m = next(iter(models.values()))["memorisation"]
     fig.suptitle(f"The samples closest to a training digit, and that digit (near copy: distance below "
-                 f"{m['threshold']:.2f})", fontsize=9)
+                 f"{threshold:.2f})", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # the title just above the first row
     show(fig, path)
 
@@ -3693,7 +3772,8 @@ def draw_figures(ctx: Run):
     plot_fid_per_second(models, {n: t.history.as_dict() for n, t in measured.items()},
                         results["real_test"]["fid_floor"], out / "fid_per_second.png")
     plot_clarity_ranges(models, results["real_test"], out / "clarity_ranges.png")
-    plot_memorisation(models, {n: t.samples for n, t in measured.items()}, ctx.train[0], out / "memorisation.png")
+    plot_memorisation(models, results["real_test"]["memorisation"]["threshold"],
+                      {n: t.samples for n, t in measured.items()}, ctx.train[0], out / "memorisation.png")
     plot_control({n: m["control"] for n, m in models.items()}, out / "controllability.png", classes)
     plot_scores_3d(results["scores"], out / "scores_3d.png")
     plot_radar(results["scores"], out / "scores_radar.png")
@@ -3765,10 +3845,23 @@ def noun(results: dict) -> str:
     return "digit" if results["config"]["dataset"] == "mnist" else "item"
 
 
+def fid_range(m: dict) -> list:
+    return m["fid_range"]
+
+
+def detector_range(m: dict) -> list:
+    return m["two_sample"]["range"]
+
+
+def apart(a: dict, b: dict, low_high) -> bool:
+    """a lies below b beyond their 95% ranges (low_high: fid_range or detector_range)."""
+    return low_high(a)[1] < low_high(b)[0]
+
+
 def overlapping(m: dict, order: list, low_high) -> list:
     """The neighbours in `order` whose 95% ranges overlap: pairs the measure cannot tell apart."""
     return [(a, b) for a, b in zip(order, order[1:])
-            if max(low_high(m[a])[0], low_high(m[b])[0]) <= min(low_high(m[a])[1], low_high(m[b])[1])]
+            if not apart(m[a], m[b], low_high) and not apart(m[b], m[a], low_high)]
 
 
 def within_noise(m: dict, order: list, low_high, measure: str) -> str:
@@ -3779,22 +3872,40 @@ def within_noise(m: dict, order: list, low_high, measure: str) -> str:
             + ", ".join(f"{title(a)} and {title(b)}" for a, b in pairs) + ".")
 
 
-def apart(a: dict, b: dict, low_high) -> bool:
-    """a lies below b beyond their 95% ranges."""
-    return low_high(a)[1] < low_high(b)[0]
-
-
 def disagreement(m: dict, by_fid: list) -> str:
     """The pairs that FID and the detector both tell apart, but in opposite orders."""
     pairs = [(a, b) for i, a in enumerate(by_fid) for b in by_fid[i + 1:]
-             if apart(m[a], m[b], lambda x: x["fid_range"])
-             and apart(m[b], m[a], lambda x: x["two_sample"]["range"])]
+             if apart(m[a], m[b], fid_range) and apart(m[b], m[a], detector_range)]
     if not pairs:
         return " Where both measures tell two models apart, they order them alike."
     return (" FID and the detector order these pairs oppositely, each beyond its ranges: "
             + ", ".join(f"{title(a)} better than {title(b)} by FID, worse by the detector" for a, b in pairs)
             + ". The detector sees every pixel (backgrounds, stray dots, stroke texture); the FID sees only "
               "the evaluator's class features.")
+
+
+def faint_text(m: dict, real: dict, thing: str) -> str:
+    """What the detector says once the faint pixels (1 to FAINT grey levels) are 0 in both sets."""
+    hazy = max(m, key=lambda n: m[n]["faint_share"])
+    return (f" Faint pixels (1 to {FAINT} grey levels of 255, invisible on a screen) are "
+            f"{100 * real['faint_share']:.1f}% of real {thing}s' pixels and "
+            + ", ".join(f"{title(n)} {100 * m[n]['faint_share']:.1f}%" for n in sorted(m, key=lambda n: m[n]["faint_share"]))
+            + f" of the samples'. With them set to 0 in both sets the detector is right on "
+            + ", ".join(f"{title(n)} {100 * m[n]['two_sample_without_faint']['accuracy']:.1f}% "
+                        f"({span(m[n]['two_sample_without_faint']['range'], 1, 100)})" for n in m)
+            + f" (real {100 * real['two_sample_without_faint']['accuracy']:.1f}%); {title(hazy)} has the most haze.")
+
+
+def below_floor_text(m: dict, real: dict) -> str:
+    """Whether a model scores below the floor by FID, and if so whether the detector agrees it is real."""
+    below = [n for n in m if m[n]["fid"] < real["fid_floor"]]
+    if not below:
+        return " No model scores below the floor by FID."
+    return " Below the floor by FID: " + ", ".join(
+        f"{title(n)}, which the detector " + ("cannot tell from real (its range holds 50%)"
+                                            if detector_range(m[n])[0] <= 0.5 <= detector_range(m[n])[1]
+                                            else "still tells from real: the FID's features miss what it sees")
+        for n in below) + "."
 
 
 def clarity_text(results: dict) -> str:
@@ -3804,7 +3915,7 @@ def clarity_text(results: dict) -> str:
             + ", ".join(f"{title(n)} {m[n]['fid']:.1f} ({span(m[n]['fid_range'])})" for n in by_fid)
             + f"; held-out training {thing}s against the test {thing}s score {real['fid_floor']:.1f} "
               f"({span(real['fid_floor_range'])}), the floor.")
-    text += within_noise(m, by_fid, lambda x: x["fid_range"], "FID")
+    text += within_noise(m, by_fid, fid_range, "FID")
     by_detector = sorted(m, key=lambda n: m[n]["two_sample"]["accuracy"])
     text += (f" A detector trained afresh to tell each model's {thing}s from real test {thing}s is right on this "
              "share of its test images (50% = it cannot tell them apart): "
@@ -3812,12 +3923,15 @@ def clarity_text(results: dict) -> str:
                          f"({span(m[n]['two_sample']['range'], 1, 100)})" for n in by_detector)
              + f"; on held-out real {thing}s {100 * real['two_sample']['accuracy']:.1f}% "
                f"({span(real['two_sample']['range'], 1, 100)}).")
-    text += within_noise(m, by_detector, lambda x: x["two_sample"]["range"], "the detector")
+    text += within_noise(m, by_detector, detector_range, "the detector")
     text += disagreement(m, by_fid)
+    text += faint_text(m, real, thing) + below_floor_text(m, real)
     by_precision = sorted(m, key=lambda n: -m[n]["precision"])
-    text += (f" Precision is highest for {title(by_precision[0])} ({m[by_precision[0]]['precision']:.2f}) and "
-             f"lowest for {title(by_precision[-1])} ({m[by_precision[-1]]['precision']:.2f}); real {thing}s "
-             f"score {real['precision']:.2f}. ")
+    best, worst = m[by_precision[0]], m[by_precision[-1]]
+    text += (f" Precision is highest for {title(by_precision[0])} ({best['precision']:.2f}, "
+             f"{span(best['precision_range'], 2)}) and lowest for {title(by_precision[-1])} "
+             f"({worst['precision']:.2f}, {span(worst['precision_range'], 2)}); real {thing}s score "
+             f"{real['precision']:.2f} ({span(real['precision_range'], 2)}). ")
     gaps = {n: abs(m[n]["sharpness"] - real["sharpness"]) for n in m}
     sharpest = max(m, key=lambda n: m[n]["sharpness"])
     blurriest = min(m, key=lambda n: m[n]["sharpness"])
@@ -3972,18 +4086,17 @@ def stability_text(results: dict) -> str:
 
 
 def memorisation_text(results: dict) -> str:
-    m, real, thing = results["models"], results["real_test"], noun(results)
-    any_model = next(iter(m.values()))["memorisation"]
+    m, real, thing = results["models"], results["real_test"]["memorisation"], noun(results)
     by_share = sorted(m, key=lambda n: m[n]["memorisation"]["near_copy_share"])
     return (f"The nearest training {thing} of every sample, in pixels: a near copy is closer to the training set "
             f"than {100 * (1 - COPY_QUANTILE):.0f}% of real test {thing}s are (distance below "
-            f"{any_model['threshold']:.2f}), so a model that does not copy has about {100 * COPY_QUANTILE:.0f}% of "
+            f"{real['threshold']:.2f}), so a model that does not copy has about {100 * COPY_QUANTILE:.0f}% of "
             "them. Near copies: " + ", ".join(
                 f"{title(n)} {100 * m[n]['memorisation']['near_copy_share']:.1f}% "
                 f"({span(m[n]['memorisation']['near_copy_range'], 1, 100)})" for n in by_share)
             + ". Median distance to the nearest training " + thing + ": " + ", ".join(
                 f"{title(n)} {m[n]['memorisation']['median_distance']:.2f}" for n in by_share)
-            + f"; real test {thing}s {real['nearest_train_median_distance']:.2f}.")
+            + f"; real test {thing}s {real['median_distance']:.2f}.")
 
 
 ANALYSIS = (("Clarity", clarity_text), ("Controllability", control_text), ("Efficiency", efficiency_text),
@@ -4016,7 +4129,8 @@ def report_figures(results: dict) -> list:
     figures += [("comparison.png", "Ten samples from each model")]
     figures += [(MODELS[n].figure(n), f"{title(n)}: " + ("each row asks for one class" if MODELS[n].conditional
                                                           else "ten random samples")) for n in results["models"]]
-    figures += [("clarity_ranges.png", "Classifier-FID and the two-sample detector's accuracy, with 95% ranges"),
+    figures += [("clarity_ranges.png", "Classifier-FID, the two-sample detector's accuracy, precision and recall, "
+                                       "with 95% ranges"),
                 ("memorisation.png", "Each model's samples closest to a training digit, above that digit"),
                 ("scores_3d.png", "Clarity, stability and controllability; efficiency as colour and size"),
                 ("scores_radar.png", "The four scores"), ("epoch_fid.png", "Classifier-FID after every epoch"),
@@ -4511,11 +4625,11 @@ def sampler_study(ctx: Run, trained: Trained) -> dict:
         label = trained.model.sampler_note(sampler)
         images, seconds = timed_draw(trained.model, n, cfg.seed + 8, sampler)
         feats = features(ctx.evaluator, images)
-        precision, recall = precision_recall(ctx.ref_feats, feats)
+        pr = precision_recall(ctx.ref_feats, feats)
         rows[label] = {"sampler": sampler.kind, "eta": sampler.eta,
                        "network_passes": cfg.ddpm_T if sampler.kind == "ancestral" else sampler.steps,
-                       "fid": frechet_distance(feats, ctx.ref_feats), "precision": precision, "recall": recall,
-                       "seconds_per_image": seconds}
+                       "fid": frechet_distance(feats, ctx.ref_feats), "precision": pr["precision"],
+                       "recall": pr["recall"], "seconds_per_image": seconds}
         print(f"sampler study: {label}: FID {rows[label]['fid']:.1f}, {1000 * seconds:.1f} ms/image")
     return {"n": n, "batch": min(SAMPLE_BATCH, n), "samplers": rows}
 

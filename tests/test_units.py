@@ -317,14 +317,17 @@ def test_memorisation_flags_copies_of_training_digits(nb):
     train, test = torch.as_tensor(fake_digits(500, seed=5)[0]), fake_digits(200, seed=6)[0]
     ctx = nb.Run(nb.Config())
     ctx.train = (train, None)
-    real, _ = nb.nearest_distances(test, train)
-    distances, index = nb.nearest_distances(train[:3].numpy(), train)
+    ctx.reference = torch.as_tensor(test)
+    real = nb.real_nearest(ctx)
+    assert real["n"] == 200 and 0 < real["threshold"] < real["median_distance"]
+    distances, index = nb.nearest_distances(train[:3].numpy(), nb.training_pool(ctx))
     assert np.allclose(distances, 0, atol=1e-3) and index.tolist() == [0, 1, 2]
-    copies = nb.memorisation(ctx, train[100:300].numpy(), real)  # 200 exact copies
+    threshold = real["threshold"]
+    copies = nb.memorisation(ctx, train[100:300].numpy(), threshold)  # 200 exact copies
     assert copies["near_copy_share"] == 1.0 and copies["closest"][0][2] < 1e-3
-    fresh = nb.memorisation(ctx, fake_digits(200, seed=7)[0], real)  # new draws, as a model that does not copy
+    fresh = nb.memorisation(ctx, fake_digits(200, seed=7)[0], threshold)  # new draws, as a model that does not copy
     assert fresh["near_copy_share"] < 0.05 and fresh["near_copy_range"][0] <= nb.COPY_QUANTILE
-    half = nb.memorisation(ctx, np.concatenate([train[:100].numpy(), fake_digits(100, seed=8)[0]]), real)
+    half = nb.memorisation(ctx, np.concatenate([train[:100].numpy(), fake_digits(100, seed=8)[0]]), threshold)
     assert 0.45 <= half["near_copy_share"] <= 0.55 and len(half["closest"]) == 6
 
 
@@ -339,21 +342,56 @@ def test_two_sample_test_sees_real_against_real_as_chance_and_a_shift_at_once(nb
     shifted = np.roll(again, 3, axis=2)  # the same digits three pixels to the right
     moved = nb.two_sample_test(real, shifted, cfg, torch.device("cpu"), seed=0)
     assert moved["accuracy"] > 0.95 and moved["range"][0] > 0.9
+    def thick(x):  # the same digits drawn with a wider pen
+        return torch.nn.functional.max_pool2d(torch.as_tensor(x).float()[:, None], 3, 1, 1)[:, 0].to(torch.uint8).numpy()
+
+    rng = np.random.default_rng(0)  # classes drawn at random, as in real data (fake_digits cycles through them)
+    a, b = (fake_digits(3000, seed=s)[0][rng.choice(3000, 600, replace=False)] for s in (5, 6))
+    mixed = np.where((np.arange(600) % 2 == 0)[:, None, None], a, thick(a))  # thin and thick alternate
+    ordered = np.concatenate([b[:300], thick(b[300:])])  # thin digits first, as in MNIST's test set
+    unfair = nb.two_sample_test(mixed, ordered, cfg, torch.device("cpu"), seed=0)
+    assert unfair["range"][1] < 0.4  # fitted on thin digits, tested on thick ones
+    fair = nb.two_sample_test(mixed, nb.reference_digits(torch.as_tensor(ordered), 600, seed=0), cfg,
+                              torch.device("cpu"), seed=0)
+    assert fair["range"][0] <= 0.5 <= fair["range"][1], (unfair, fair)
     state = torch.get_rng_state()
     nb.two_sample_test(real, again, cfg, torch.device("cpu"), seed=0)
     assert torch.equal(state, torch.get_rng_state())  # the run's random state is left as it was
 
 
+def test_the_reference_digits_are_a_random_sample_of_the_test_set(nb):
+    test = torch.arange(1000).reshape(1000, 1, 1).expand(1000, 28, 28) // 500  # first half 0, second half 1
+    ref = nb.reference_digits(test, 200, seed=0).float()
+    assert len(ref) == 200 and 0.35 < ref.mean() < 0.65  # both halves of the test set, not its first 200
+    assert 0.3 < ref[:100].mean() < 0.7 and 0.3 < ref[100:].mean() < 0.7  # and in random order
+    assert torch.equal(ref, nb.reference_digits(test, 200, seed=0).float())
+    assert sorted(nb.reference_digits(test, 1000, 0)[:, 0, 0].tolist()) == sorted(test[:, 0, 0].tolist())
+
+
 def test_precision_recall_known_cases(nb):
     rng = np.random.default_rng(0)
     real, again = rng.normal(size=(1000, 4)), rng.normal(size=(1000, 4))
-    precision, recall = nb.precision_recall(real, again)
-    assert precision > 0.95 and recall > 0.95  # two draws of the same distribution
-    precision, recall = nb.precision_recall(real, again + 3.0)
-    assert precision < 0.1 and recall < 0.1  # moved away: neither realistic nor covering
+    pr = nb.precision_recall(real, again)
+    assert pr["precision"] > 0.95 and pr["recall"] > 0.95  # two draws of the same distribution
+    pr = nb.precision_recall(real, again + 3.0)
+    assert pr["precision"] < 0.1 and pr["recall"] < 0.1  # moved away: neither realistic nor covering
     narrow = rng.normal(size=(1000, 4)) * 0.3  # realistic but covers only the centre
-    precision, recall = nb.precision_recall(real, narrow)
-    assert precision > 0.9 and recall < 0.5
+    pr = nb.precision_recall(real, narrow)
+    assert pr["precision"] > 0.9 and pr["recall"] < 0.5 and pr["precision_range"] is None
+
+
+def test_precision_recall_range_covers_a_second_draw(nb):
+    rng = np.random.default_rng(1)
+    covered = {"precision": 0, "recall": 0}
+    for trial in range(20):
+        real, fake = rng.normal(size=(500, 4)), rng.normal(size=(500, 4)) * 0.8 + 0.3
+        first = nb.precision_recall(real, fake, draws=50, seed=trial)
+        second = nb.precision_recall(rng.normal(size=(500, 4)), rng.normal(size=(500, 4)) * 0.8 + 0.3)
+        for measure in covered:
+            low, high = first[measure + "_range"]
+            assert 0 <= low <= first[measure] <= high <= 1 and low < high
+            covered[measure] += low <= second[measure] <= high
+    assert min(covered.values()) >= 15, covered  # a 95% range: about 19 of 20
 
 
 def test_inception_score_and_class_stats(nb):
@@ -687,9 +725,9 @@ def test_the_report_calls_models_different_only_beyond_their_ranges(nb):
     m = {"cgan": model(40, 30, 50, 0.75, 0.72, 0.78), "ddpm": model(200, 180, 230, 0.995, 0.985, 1.0),
          "gan": model(330, 300, 350, 0.72, 0.69, 0.75), "vae": model(360, 340, 390, 0.97, 0.96, 0.98)}
     by_fid = ["cgan", "ddpm", "gan", "vae"]
-    assert nb.overlapping(m, by_fid, lambda x: x["fid_range"]) == [("gan", "vae")]
+    assert nb.overlapping(m, by_fid, nb.fid_range) == [("gan", "vae")]
     assert "Within noise by FID (their 95% ranges overlap): GAN and VAE." in \
-        nb.within_noise(m, by_fid, lambda x: x["fid_range"], "FID")
+        nb.within_noise(m, by_fid, nb.fid_range, "FID")
     said = nb.disagreement(m, by_fid)
     assert "DDPM better than GAN by FID, worse by the detector" in said and \
         "DDPM better than VAE by FID, worse by the detector" in said and "cGAN better" not in said
