@@ -162,6 +162,9 @@ def to_uint8(x: torch.Tensor, signed: bool) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).squeeze(1).cpu().numpy()
 
 
+FAINT = 10  # grey levels out of 255: a pixel above 0 and at most this is too faint to see on a screen
+
+
 def one_hot(labels: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
     return F.one_hot(labels, n_classes).float()
 
@@ -195,6 +198,19 @@ def one_hot(labels: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
 # The KL term pulls every code towards the standard normal, which is what lets us
 # generate by decoding $z \sim \mathcal N(0, I)$. Its price is blur: the decoder
 # predicts the *average* of the digits that could have produced a code.
+#
+# **Where the samples' codes come from.** The KL term pulls each $q(z \mid x)$ towards $\mathcal N(0, I)$ but
+# does not make the codes of all training digits together, the *aggregate posterior*
+# $q(z) = \frac1N \sum_i q(z \mid x_i)$, fill it: they cluster by digit and leave holes between the
+# clusters. A code drawn from the prior often lands in a hole, which the decoder never saw in training, and
+# comes out as a blob that is no digit. So once training ends (training itself stays BCE + KL), the
+# notebook fits a mixture of `vae_mixture` = 50 full-covariance Gaussians to the codes $\mu(x)$ of the
+# training digits by EM (`fit_mixture`) and draws the samples' codes from it (*ex-post density
+# estimation*, Ghosh et al., 2020). Fifty is a measured choice: on the `cpu` profile's VAE, 10, 20 and 50
+# Gaussians each drew better digits than the last, the last close to decoding the training codes
+# themselves, and 50 fit in seconds (`outputs/issue-30-tries/`). Section 7.2 shows codes and decoded digits from the prior, from
+# training digits and from the mixture; Part B measures both samplers, and the export uses the mixture
+# (the prior's samples are measured beside it, `PRIOR`).
 
 # %%
 class VAE(nn.Module):
@@ -225,8 +241,10 @@ class VAE(nn.Module):
         return self.decode_logits(z), mu, logvar
 
     @torch.inference_mode()
-    def sample(self, n: int, gen: torch.Generator, device) -> torch.Tensor:
-        z = torch.randn(n, self.latent, generator=gen, device=device)  # z ~ N(0, I)
+    def sample(self, n: int, gen: torch.Generator, device, mixture: dict | None = None) -> torch.Tensor:
+        """Decoded codes from the prior z ~ N(0, I), or from a Gaussian mixture fitted to the training codes."""
+        z = (torch.randn(n, self.latent, generator=gen, device=device) if mixture is None
+             else sample_mixture(mixture, n, gen))
         return torch.sigmoid(self.decode_logits(z))  # in [0, 1]
 
 
@@ -235,6 +253,55 @@ def vae_loss(x_hat_logits, x, mu, logvar):
     bce = F.binary_cross_entropy_with_logits(x_hat_logits.float(), x, reduction="sum") / len(x)
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / len(x)
     return bce + kl, bce, kl
+
+
+def mixture_log_density(z: torch.Tensor, weights, means, covs) -> torch.Tensor:
+    """log pi_j + log N(z_i | m_j, S_j) for every code i and component j: [N, k]. With S_j = L_j L_j^T,
+    log N = -||L_j^-1 (z_i - m_j)||^2 / 2 - sum log diag L_j - d/2 log 2 pi (one matrix product per component)."""
+    d = z.shape[1]
+    chol = torch.linalg.cholesky(covs)
+    cols = []
+    for j in range(len(means)):
+        y = torch.linalg.solve_triangular(chol[j], (z - means[j]).T, upper=False)  # L_j^-1 (z - m_j), [d, N]
+        cols.append(-0.5 * y.pow(2).sum(0) - chol[j].diagonal().log().sum() - 0.5 * d * math.log(2 * math.pi))
+    return torch.stack(cols, 1) + weights.log()
+
+
+def fit_mixture(z: torch.Tensor, k: int, seed: int, iters: int = 100, tol: float = 1e-4) -> dict:
+    """A mixture of k full-covariance Gaussians, sum_j pi_j N(m_j, S_j), fitted to the codes z [N, d] by EM
+    until the mean log-likelihood gains less than `tol` per iteration. E step: r_ij = pi_j N(z_i | m_j, S_j) /
+    sum_l pi_l N(z_i | m_l, S_l). M step: pi_j = mean_i r_ij, m_j = the r-weighted mean of the z_i, S_j their
+    r-weighted covariance (+ 1e-6 I, so that it stays invertible)."""
+    z = z.detach().double().cpu()
+    n, d = z.shape
+    k = min(k, n)
+    gen = torch.Generator().manual_seed(seed)
+    means = z[torch.randperm(n, generator=gen)[:k]].clone()  # k codes drawn at random
+    covs = torch.cov(z.T).expand(k, d, d).clone()
+    weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    last = -math.inf
+    for _ in range(iters):
+        log_p = mixture_log_density(z, weights, means, covs)
+        log_likelihood = float(torch.logsumexp(log_p, 1).mean())
+        if log_likelihood - last < tol:
+            break
+        last = log_likelihood
+        r = torch.softmax(log_p, dim=1)  # E step
+        n_j = r.sum(0) + 1e-12  # M step
+        weights, means = n_j / n, (r.T @ z) / n_j[:, None]
+        covs = torch.stack([(z * r[:, j:j + 1]).T @ z / n_j[j] - torch.outer(means[j], means[j]) for j in range(k)])
+        covs = covs + 1e-6 * torch.eye(d, dtype=z.dtype)
+    return {"weights": weights.float(), "means": means.float(), "covs": covs.float(),
+            "log_likelihood": log_likelihood}
+
+
+def sample_mixture(mixture: dict, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n codes from the mixture: a component j ~ pi, then z = m_j + L_j e with L_j L_j^T = S_j, e ~ N(0, I)."""
+    device = gen.device
+    weights, means, covs = (mixture[key].to(device) for key in ("weights", "means", "covs"))
+    j = torch.multinomial(weights, n, replacement=True, generator=gen)
+    e = torch.randn(n, means.shape[1], 1, generator=gen, device=device)
+    return means[j] + (torch.linalg.cholesky(covs)[j] @ e).squeeze(-1)
 
 
 class VAETrainer:
@@ -250,7 +317,14 @@ class VAETrainer:
         self.scaler = LossScaler(cfg, device)
         self.modules = (self.model,)
         self.parts = {"vae": self.model, "opt": self.opt, "scaler": self.scaler}  # what a checkpoint holds
+        self.mixture = None  # fitted to the training codes once training ends (after_training)
         maybe_compile(cfg, *self.modules)
+
+    def after_training(self, images_uint8):
+        """Fit the Gaussian mixture of vae_mixture components to the codes (the encoder's mu) of the training
+        digits: from then on the VAE samples from it, where its decoder has been, instead of N(0, I)."""
+        if self.cfg.vae_mixture:
+            self.mixture = fit_mixture(self.codes(images_uint8), self.cfg.vae_mixture, self.cfg.seed)
 
     def step(self, xb, yb) -> dict:
         x = to_unit(xb)
@@ -261,10 +335,15 @@ class VAETrainer:
         return {"loss": loss, "bce": bce, "kl": kl}
 
     def sample(self, n, gen, labels=None, sampler=None, progress=False):
-        return self.model.sample(n, gen, self.device)
+        """Decoded codes from the mixture once it is fitted; from the prior N(0, I) before, or when asked
+        with the PRIOR sampler."""
+        prior = self.mixture is None or (sampler is not None and sampler.kind == "prior")
+        return self.model.sample(n, gen, self.device, None if prior else self.mixture)
 
     def sampler_note(self, sampler) -> str:
-        return "one generator pass"
+        if self.mixture is None or (sampler is not None and sampler.kind == "prior"):
+            return "one decoder pass, z ~ N(0, I)"
+        return f"one decoder pass, z from a {len(self.mixture['weights'])}-Gaussian fit to the training codes"
 
     @torch.inference_mode()
     def codes(self, images_uint8) -> torch.Tensor:
@@ -314,6 +393,13 @@ class VAETrainer:
 # useful gradient, and the time it saves buys more epochs. Images live in $[-1, 1]$ (tanh output).
 # Sharp digits, but nothing forces $G$ to cover every digit: if it finds one that fools $D$ it may keep
 # drawing it (**mode collapse**).
+#
+# Two standard aids are settings, off by default because they did not help here at equal epochs
+# (`outputs/issue-30-tries/`): an average of $G$'s weights to sample from (`gan_ema`, the EMA of section
+# 5.5), which matched plain $G$ after 30 epochs, and spectral normalisation of every layer of $D$ in
+# place of its batch norm (`gan_spectral_norm`), which slowed learning after 5 epochs. Both apply to the
+# cGAN alike: the GAN and the cGAN differ only in the label and the cGAN's smoothed target, so their gap
+# is the label's.
 
 # %%
 class Generator(nn.Module):
@@ -342,14 +428,16 @@ class Discriminator(nn.Module):
     """Image (plus an optional label, as 10 constant one-hot planes) -> logit of 'real'.
     batch_norm=False gives the WGAN-GP critic (section C1), whose penalty needs per-image gradients."""
 
-    def __init__(self, n_classes: int = 0, width: int = 32, batch_norm: bool = True):
+    def __init__(self, n_classes: int = 0, width: int = 32, batch_norm: bool = True, spectral: bool = False):
         super().__init__()
         self.n_classes = n_classes
+        batch_norm = batch_norm and not spectral
+        sn = nn.utils.parametrizations.spectral_norm if spectral else (lambda layer: layer)
         self.net = nn.Sequential(
-            nn.Conv2d(1 + n_classes, width, 4, 2, 1), nn.LeakyReLU(0.2),  # 28 -> 14
-            nn.Conv2d(width, 2 * width, 4, 2, 1, bias=not batch_norm),  # 14 -> 7
+            sn(nn.Conv2d(1 + n_classes, width, 4, 2, 1)), nn.LeakyReLU(0.2),  # 28 -> 14
+            sn(nn.Conv2d(width, 2 * width, 4, 2, 1, bias=not batch_norm)),  # 14 -> 7
             nn.BatchNorm2d(2 * width) if batch_norm else nn.Identity(), nn.LeakyReLU(0.2),
-            nn.Flatten(), nn.Linear(2 * width * 7 * 7, 1))
+            nn.Flatten(), sn(nn.Linear(2 * width * 7 * 7, 1)))
 
     def forward(self, x, y_onehot=None):
         if not self.n_classes:
@@ -362,9 +450,10 @@ class Discriminator(nn.Module):
         width x 14x14 map per class: made from the ten classes' planes, then picked by y. The same numbers
         as stacking the planes, without convolving 10 more channels of every image."""
         conv = self.net[0]
-        h = F.conv2d(x, conv.weight[:, :1], conv.bias, conv.stride, conv.padding)
+        weight = conv.weight  # read once: with spectral normalisation each read is a power-iteration step
+        h = F.conv2d(x, weight[:, :1], conv.bias, conv.stride, conv.padding)
         classes = torch.eye(self.n_classes, device=x.device, dtype=x.dtype)[:, :, None, None]
-        maps = F.conv2d(classes.expand(-1, -1, *x.shape[2:]), conv.weight[:, 1:], None, conv.stride, conv.padding)
+        maps = F.conv2d(classes.expand(-1, -1, *x.shape[2:]), weight[:, 1:], None, conv.stride, conv.padding)
         return h + (y_onehot.to(maps.dtype) @ maps.flatten(1)).view(len(x), *maps.shape[1:])
 
 
@@ -393,15 +482,18 @@ class GANTrainer:
         self.conditional = MODELS[name].conditional
         n_classes = 10 if self.conditional else 0
         self.G = prepare(Generator(cfg.gan_noise, n_classes, cfg.gan_width), cfg, device)
-        self.D = prepare(Discriminator(n_classes, cfg.gan_d_width), cfg, device)
+        self.D = prepare(Discriminator(n_classes, cfg.gan_d_width, spectral=cfg.gan_spectral_norm), cfg, device)
         betas = (cfg.gan_beta1, 0.999)
         self.opt_g = adam(self.G.parameters(), cfg.gan_lr, device, betas)
         self.opt_d = adam(self.D.parameters(), cfg.gan_lr, device, betas)
         self.real_target = cfg.cgan_real_target if self.conditional else 1.0
         self.scaler_g, self.scaler_d = LossScaler(cfg, device), LossScaler(cfg, device)
+        self.ema = EMA(self.G, cfg.gan_ema) if cfg.gan_ema > 0 else None
         self.modules = (self.G, self.D)
         self.parts = {"generator": self.G, "discriminator": self.D, "opt_g": self.opt_g, "opt_d": self.opt_d,
                       "scaler_g": self.scaler_g, "scaler_d": self.scaler_d}
+        if self.ema:
+            self.parts.update(generator_ema=self.ema.model, ema=self.ema)
         maybe_compile(cfg, *self.modules)
 
     def step(self, xb, yb) -> dict:
@@ -419,12 +511,19 @@ class GANTrainer:
         with autocast(self.cfg, self.device):
             loss_g = g_loss(D(fake, y))
         self.scaler_g.backward_step(loss_g, self.opt_g)
+        if self.ema:
+            self.ema.update(self.G)
         return {"G": loss_g, "D": loss_d, "D_real": torch.sigmoid(real_logits.float()).mean(),
                 "D_fake": torch.sigmoid(fake_logits.float()).mean()}
 
+    @property
+    def generator(self) -> nn.Module:
+        """The generator that samples: G's weight average when gan_ema > 0."""
+        return self.ema.model if self.ema else self.G
+
     def sample(self, n, gen, labels=None, sampler=None, progress=False):
         z = torch.randn(n, self.cfg.gan_noise, generator=gen, device=self.device)
-        return self.G(z, one_hot(labels) if self.conditional else None)
+        return self.generator(z, one_hot(labels) if self.conditional else None)
 
     def sampler_note(self, sampler) -> str:
         return "one generator pass"
@@ -520,11 +619,26 @@ def q_sample(sched: Schedule, x0, t, eps):
 # <a id="ddpm-network"></a>
 # ### 5.2 The network $\varepsilon_\theta(x_t, t)$
 #
-# A U-Net takes the noisy image and the timestep and predicts the noise $\varepsilon$ that was added.
-# The timestep enters as a sinusoidal code (the Transformer's position code), turned by a small MLP into
-# a vector that every residual block adds to its features. The image is folded from 28×28 to 14×14 with
-# 4 channels first (space-to-depth), goes down to 7×7, through one self-attention layer for the digit's
-# global shape, and back up, with a skip connection at 14×14.
+# A U-Net takes the noisy image and the timestep. The timestep enters as a sinusoidal code (the
+# Transformer's position code), turned by a small MLP into a vector that every residual block adds to its
+# features. The image is folded from 28×28 to 14×14 with 4 channels first (space-to-depth), goes down to
+# 7×7, through one self-attention layer for the digit's global shape, and back up, with a skip connection
+# at 14×14.
+#
+# **What it outputs.** The DDPM paper's network outputs the noise $\varepsilon$ directly. This one outputs
+# its guess of the clean digit, $\hat x_0$, and `predict_eps` turns that into the noise it implies,
+#
+# $$\varepsilon_\theta(x_t, t) = \frac{x_t - \sqrt{\bar\alpha_t}\,\hat x_0(x_t, t)}{\sqrt{1 - \bar\alpha_t}},$$
+#
+# so the loss, the samplers and every formula below still see a noise estimate (`ddpm_predict = "x0"`;
+# `"eps"` is the paper's). Why: an MNIST background is exactly 0 (−1 in the model's scale). To leave it
+# clean, a noise-predicting network must reproduce the noise on it exactly, $\varepsilon = (x_t +
+# \sqrt{\bar\alpha_t})/\sqrt{1-\bar\alpha_t}$, which at small $t$ means amplifying a faint input 100-fold
+# ($\sqrt{1-\bar\alpha_1} = 0.01$); what it misses stays in the sample as a grey haze of 1-10 grey levels
+# (section 7.5 shows the error per timestep; an earlier `full` run, predicting the noise, left nearly half of
+# its pixels faint, real digits under 1%). A network that predicts $x_0$ only has to say "−1" there, whatever
+# the noise. Trained the same way for the same steps, it left less haze and drew better digits
+# (`outputs/issue-30-tries/`).
 
 # %%
 def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -574,13 +688,14 @@ class SelfAttention(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): 28x28 -> (space-to-depth) 14x14 -> 7x7 -> 14x14 -> 28x28, with a skip.
+    """28x28 -> (space-to-depth) 14x14 -> 7x7 -> 14x14 -> 28x28, with a skip; it outputs the noise (predicts =
+    "eps") or the clean digit (predicts = "x0"), which predict_eps turns into eps_theta(x_t, t).
     With n_classes > 0, eps_theta(x_t, t, y): a learned embedding of the label y (or of the null label
     y = n_classes, "no label") is added to the time embedding (section C2)."""
 
-    def __init__(self, width: int = 64, t_dim: int = 128, n_classes: int = 0):
+    def __init__(self, width: int = 64, t_dim: int = 128, n_classes: int = 0, predicts: str = "eps"):
         super().__init__()
-        c, self.t_dim = width, t_dim
+        c, self.t_dim, self.predicts = width, t_dim, predicts
         self.t_mlp = nn.Sequential(nn.Linear(t_dim, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.stem = nn.Conv2d(4, c, 3, padding=1)  # after pixel_unshuffle: 1x28x28 -> 4x14x14
         self.down1 = ResBlock(c, c, t_dim)  # 14x14
@@ -606,7 +721,7 @@ class UNet(nn.Module):
         h = self.down2(self.downsample(skip), t_emb)
         h = self.mid(self.mid_attn(h), t_emb)
         h = self.up1(torch.cat([self.upsample(h), skip], dim=1), t_emb)
-        return F.pixel_shuffle(self.head(h), 2)  # 4x14x14 -> 1x28x28: predicted noise
+        return F.pixel_shuffle(self.head(h), 2)  # 4x14x14 -> 1x28x28: the predicted noise, or x_0
 
 
 # %% [markdown]
@@ -615,17 +730,24 @@ class UNet(nn.Module):
 #
 # Draw a digit $x_0$, a timestep $t$ uniformly, and noise $\varepsilon$; make $x_t$ with the closed form
 # above;
-# ask the network for the noise. The DDPM paper's simplified loss is the plain mean squared error
+# ask the network for the noise (its $\hat x_0$ read as a noise estimate, section 5.2). The DDPM paper's
+# simplified loss is the plain mean squared error
 #
 # $$L_{\text{simple}} = \mathbb E_{x_0, t, \varepsilon}\,\big\lVert \varepsilon - \varepsilon_\theta(x_t, t)\big\rVert^2 .$$
 #
 # This notebook trains on a **weighted** version: each timestep's error is multiplied by the
 # min-SNR-$\gamma$ weight $w_t = \min(\mathrm{SNR}_t, \gamma)/\mathrm{SNR}_t$ ($\gamma = 5$,
 # `ddpm_min_snr`), which
-# is 1 at the noisy timesteps and small at the nearly clean ones, whose noise is hard to see and matters
-# little to the sample; without it they dominate the gradient. The training log keeps both: `loss` is
-# the weighted loss that is optimised, `mse` the plain $L_{\text{simple}}$ of the same draws (section 7.5
-# plots both, and the schedule with $w_t$).
+# is 1 at the noisy timesteps and small at the nearly clean ones, whose noise is hard to see; without it
+# they dominate the gradient. With the network's $\hat x_0$ read as the noise, the noise error is the
+# digit error scaled, $\lVert\varepsilon - \varepsilon_\theta\rVert^2 = \mathrm{SNR}_t\,\lVert x_0 - \hat
+# x_0\rVert^2$, so the weighted loss is $\min(\mathrm{SNR}_t, \gamma)\,\lVert x_0 - \hat x_0\rVert^2$: every
+# timestep below the crossing $\mathrm{SNR}_t = \gamma$ weighs the digit's error alike. The nearly clean steps
+# still matter: they draw the last grey levels of the background (section 7.5 measures the error per
+# timestep). Dropping the weight, or raising $\gamma$ to 1000, made those steps dominate and the digits
+# worse at equal training (`outputs/issue-30-tries/`). The training log keeps both: `loss` is the weighted
+# loss that is optimised, `mse` the plain $L_{\text{simple}}$ of the same draws (section 7.5 plots both,
+# and the schedule with $w_t$).
 
 # %%
 def ddpm_loss(model, sched: Schedule, x0, gen: torch.Generator, min_snr: float = 0.0, y=None, p_uncond: float = 0.0,
@@ -640,7 +762,7 @@ def ddpm_loss(model, sched: Schedule, x0, gen: torch.Generator, min_snr: float =
     if y is not None:
         drop = torch.rand(len(y), generator=gen, device=y.device) < p_uncond
         y = torch.where(drop, torch.full_like(y, model.n_classes), y)
-    mse = (predict_eps(model, x_t, t, y) - eps).pow(2).mean(dim=(1, 2, 3))
+    mse = (predict_eps(model, sched, x_t, t, y) - eps).pow(2).mean(dim=(1, 2, 3))
     weighted = mse
     if min_snr > 0:
         snr = sched.snr[t]
@@ -648,16 +770,26 @@ def ddpm_loss(model, sched: Schedule, x0, gen: torch.Generator, min_snr: float =
     return (weighted.mean(), mse.detach().mean()) if plain else weighted.mean()
 
 
-def predict_eps(model, x_t, t, y=None, w: float = 0.0):
+def eps_from_x0(sched: Schedule, x_t, t, x0_hat):
+    """The noise that x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps implies for a predicted x_0:
+    eps = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t)."""
+    ab = sched.alpha_bar[t].view(-1, 1, 1, 1)
+    return (x_t - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+
+
+def predict_eps(model, sched: Schedule, x_t, t, y=None, w: float = 0.0):
     """eps_theta(x_t, t); with labels y, eps_theta(x_t, t, y); with guidance w > 0 as well,
-    eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null): both in one batch of 2n."""
+    eps~ = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null): both in one batch of 2n.
+    A network that predicts x_0 (model.predicts == "x0") has its output turned into the noise it implies."""
     if y is None:
-        return model(x_t, t).float()
-    if w == 0:
-        return model(x_t, t, y).float()
-    null = torch.full_like(y, model.n_classes)
-    eps_y, eps_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
-    return (1 + w) * eps_y - w * eps_null
+        out = model(x_t, t).float()
+    elif w == 0:
+        out = model(x_t, t, y).float()
+    else:
+        null = torch.full_like(y, model.n_classes)
+        out_y, out_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+        out = (1 + w) * out_y - w * out_null  # linear in the output, so the same for x_0 as for eps
+    return eps_from_x0(sched, x_t.float(), t, out) if getattr(model, "predicts", "eps") == "x0" else out
 
 
 # %% [markdown]
@@ -689,7 +821,7 @@ def sample_ancestral(model, sched: Schedule, n: int, gen: torch.Generator, devic
     x = torch.randn(n, 1, 28, 28, generator=gen, device=device)  # x_T ~ N(0, I)
     for t in progress_bar(range(sched.T - 1, -1, -1), desc="ancestral", disable=not progress or BAR["disable"]):
         tt = torch.full((n,), t, device=device, dtype=torch.long)
-        eps = predict_eps(model, x, tt, y, w)
+        eps = predict_eps(model, sched, x, tt, y, w)
         mean = (x - sched.beta[t] / (1 - sched.alpha_bar[t]).sqrt() * eps) / sched.alpha[t].sqrt()
         if t > 0:
             z = torch.randn(x.shape, generator=gen, device=device)
@@ -721,7 +853,7 @@ def sample_ddim(model, sched: Schedule, n: int, gen: torch.Generator, device, st
     ts = ddim_timesteps(sched.T, steps)
     for i, t in enumerate(progress_bar(ts, desc=f"DDIM-{steps}", disable=not progress or BAR["disable"])):
         tt = torch.full((n,), t, device=device, dtype=torch.long)
-        eps = predict_eps(model, x, tt, y, w)
+        eps = predict_eps(model, sched, x, tt, y, w)
         ab_t = sched.alpha_bar[t]
         x0_hat = ((x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()).clamp(-1, 1)  # x_0 = (x_t - sqrt(1-ab) eps) / sqrt(ab)
         if trace is not None:
@@ -753,8 +885,10 @@ def sample_ddim(model, sched: Schedule, n: int, gen: torch.Generator, device, st
 #   shortened early on), which removes the step-to-step jitter of the last updates.
 # * **Min-SNR-$\gamma$ loss weighting** ($\gamma=5$): the per-timestep MSE is weighted by
 #   $w_t = \min(\mathrm{SNR}_t, \gamma)/\mathrm{SNR}_t$ with $\mathrm{SNR}_t = \bar\alpha_t/(1-\bar\alpha_t)$.
-#   Nearly noise-free steps, whose noise is hard to see and matter little to the sample, stop
-#   dominating the gradient (section 5.3).
+#   Nearly noise-free steps, whose noise is hard to see, stop dominating the gradient (section 5.3).
+# * **The network predicts $x_0$** (section 5.2), read as a noise estimate: a clean background is then a
+#   constant to output, not a noise to reproduce. A cosine decay of the learning rate to 0
+#   (`ddpm_lr_decay`) was tried with it and left more haze at equal steps, so it is off.
 #
 # What each choice is worth is measured by the design study, section C6 (its committed run:
 # `outputs/ddpm-design-study/`).
@@ -795,8 +929,8 @@ class DDPMTrainer:
         self.sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end, device)
         self.model = prepare(self.make_net(), cfg, device)
         self.opt = adam(self.model.parameters(), cfg.ddpm_lr, device)
-        self.warmup = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda step: min(1.0, (step + 1) / max(1, cfg.ddpm_warmup)))
+        self.total_steps = None  # set by plan() before training: the cosine decay needs to know the end
+        self.warmup = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: self.lr_factor(step))
         self.ema = EMA(self.model, cfg.ddpm_ema) if cfg.ddpm_ema > 0 else None
         self.noise_gen = torch.Generator(device).manual_seed(cfg.seed)
         self.scaler = LossScaler(cfg, device)
@@ -807,8 +941,21 @@ class DDPMTrainer:
             self.parts.update(unet_ema=self.ema.model, ema=self.ema)
         maybe_compile(cfg, *self.modules)  # after the EMA copy was made from the plain module
 
+    def lr_factor(self, step: int) -> float:
+        """The learning rate's multiple of ddpm_lr at an optimizer step: a linear warm-up over ddpm_warmup steps,
+        then (with ddpm_lr_decay) a cosine fall to 0 at the last step."""
+        warm = min(1.0, (step + 1) / max(1, self.cfg.ddpm_warmup))
+        if not self.cfg.ddpm_lr_decay or not self.total_steps:
+            return warm
+        progress = min(1.0, max(0, step - self.cfg.ddpm_warmup) / max(1, self.total_steps - self.cfg.ddpm_warmup))
+        return warm * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def plan(self, total_steps: int):
+        """Told by fit how many optimizer steps the whole training takes."""
+        self.total_steps = total_steps
+
     def make_net(self) -> nn.Module:
-        return UNet(self.cfg.ddpm_width, n_classes=10 if self.conditional else 0)
+        return UNet(self.cfg.ddpm_width, n_classes=10 if self.conditional else 0, predicts=self.cfg.ddpm_predict)
 
     def step(self, xb, yb) -> dict:
         with autocast(self.cfg, self.device):
@@ -844,7 +991,7 @@ class DDPMTrainer:
         if MODELS[name].conditional:
             return None
         sched = Schedule(cfg.ddpm_T, cfg.ddpm_beta_start, cfg.ddpm_beta_end)
-        return ("5 diffusion: Gaussian forward process, U-Net reverse, MSE on noise",
+        return ("5 diffusion: Gaussian forward process, U-Net reverse, (min-SNR weighted) MSE on the noise",
                 float(sched.alpha_bar[-1]) < 1e-3 and isinstance(UNet(cfg.ddpm_width), UNet)
                 and entry["final_epoch_loss"]["loss"] > 0,
                 f"T={cfg.ddpm_T}, alpha_bar_T={float(sched.alpha_bar[-1]):.1e}, sampler {entry['sampler']}")
@@ -889,6 +1036,7 @@ class ModelSpec:
     parts: tuple = ()  # logged values shown beside `curves` in its own section (the loss's terms, what D says)
     parts_title: str = ""  # the title of that panel
     parts_line: float | None = None  # a reference line in that panel
+    reads: tuple = ()  # the prefixes of the "models" settings it trains with (a checkpoint compares only those)
 
     def figure(self, name: str) -> str:
         """The assignment's sample figure of this model."""
@@ -900,16 +1048,21 @@ D_PARTS = dict(parts=("D_real", "D_fake"), parts_line=0.5,
 DIFFUSION_PARTS = dict(parts=("loss", "mse"), parts_title="weighted loss (optimised) and plain MSE of the same draws")
 MODELS = {
     "vae": ModelSpec("VAE", "VAETrainer", dict(smoke=1, cpu=10, full=30), "tab:blue", ("loss",),
-                     parts=("bce", "kl"), parts_title="the loss's two terms (loss = -ELBO = BCE + KL)"),
-    "gan": ModelSpec("GAN", "GANTrainer", dict(smoke=1, cpu=3, full=30), "tab:orange", ("G", "D"), **D_PARTS),
+                     parts=("bce", "kl"), parts_title="the loss's two terms (loss = -ELBO = BCE + KL)",
+                     reads=("vae_",)),
+    "gan": ModelSpec("GAN", "GANTrainer", dict(smoke=1, cpu=3, full=30), "tab:orange", ("G", "D"), **D_PARTS,
+                     reads=("gan_",)),
     "cgan": ModelSpec("cGAN", "GANTrainer", dict(smoke=1, cpu=8, full=30), "tab:green", ("G", "D"),
-                      conditional=True, **D_PARTS),
+                      conditional=True, **D_PARTS, reads=("gan_", "cgan_")),
     "ddpm": ModelSpec("DDPM", "DDPMTrainer", dict(smoke=1, cpu=5, full=30), "tab:red", ("loss",),
-                      log_curves=True, **DIFFUSION_PARTS),
+                      log_curves=True, **DIFFUSION_PARTS, reads=("ddpm_",)),
     "wgan": ModelSpec("WGAN-GP", "WGANTrainer", dict(smoke=1, cpu=4, full=30), "tab:purple", ("W", "G"),
-                      default=False, trends={"W": "Wasserstein estimate E[C(x)] - E[C(G(z))]"}),
+                      default=False, trends={"W": "Wasserstein estimate E[C(x)] - E[C(G(z))]"}, reads=("gan_", "wgan_")),
+    "wganclip": ModelSpec("WGAN (clip)", "WGANClipTrainer", dict(smoke=1, cpu=4, full=30), "tab:pink", ("W", "G"),
+                          default=False, trends={"W": "the clipped critic's estimate E[C(x)] - E[C(G(z))]"},
+                          reads=("gan_", "wgan_")),
     "cddpm": ModelSpec("cDDPM", "DDPMTrainer", dict(smoke=1, cpu=6, full=30), "tab:brown", ("loss",),
-                       conditional=True, default=False, log_curves=True, **DIFFUSION_PARTS),
+                       conditional=True, default=False, log_curves=True, **DIFFUSION_PARTS, reads=("ddpm_", "cddpm_")),
 }
 
 
@@ -922,6 +1075,9 @@ class Sampler:
     steps: int = 50
     guidance: float | None = None
     eta: float = 0.0
+
+
+PRIOR = Sampler("prior")  # the VAE drawing its codes from N(0, I), not from the mixture fitted after training
 
 
 # %% [markdown]
@@ -942,13 +1098,14 @@ class Sampler:
 # %%
 # @title The Config class: every setting, with its help, group and profile values { display-mode: "form" }
 def setting(default, help: str, group: str, *, train: bool = True, flag: bool = True,
-            profiles: dict | None = None, parse=None):
+            profiles: dict | None = None, parse=None, before=None):
     """A Config field and what the rest of the code needs to know about it: its help text, its
     --help group, whether it changes how a model trains (a checkpoint made with another value is
-    refused), whether a flag / MNIST_GEN_ variable may set it, its value in other profiles, and
-    how to read it from text (default: by its type)."""
+    refused), whether a flag / MNIST_GEN_ variable may set it, its value in other profiles, how to
+    read it from text (default: by its type), and `before`: the value that the code behaved as before
+    the setting existed, when that is not its default (a checkpoint older than the setting counts as it)."""
     meta = {"help": help, "group": group, "train": train, "flag": flag, "profiles": profiles or {},
-            "parse": parse}
+            "parse": parse, "before": before}
     if callable(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -1013,12 +1170,19 @@ class Config:
     vae_width: int = setting(32, "VAE decoder channels at 14x14 (2x at 7x7); the encoder's layers are 16x "
                                  "and 8x this", "models")
     vae_lr: float = setting(1e-3, "VAE Adam learning rate (assignment: 1e-3)", "models", flag=False)
+    vae_mixture: int = setting(50, "Gaussians of the mixture fitted to the VAE's training codes after training, "
+                                   "which its samples' codes are drawn from (0 = the prior N(0, I))", "models",
+                               train=False)
     # GAN and cGAN
     gan_noise: int = setting(100, "size of the GAN's noise vector (assignment: 100)", "models", flag=False)
     gan_width: int = setting(64, "G's channels at 14x14 (2x at 7x7, 1/4 at 28x28)", "models")
     gan_d_width: int = setting(32, "the GAN's and cGAN's D channels at 14x14 (2x at 7x7)", "models")
     gan_lr: float = setting(2e-4, "Adam learning rate of G and D (assignment: 2e-4)", "models", flag=False)
     gan_beta1: float = setting(0.5, "Adam beta1 of the GANs (0.5 is the usual choice)", "models", flag=False)
+    gan_spectral_norm: bool = setting(False, "spectral normalisation of every layer of the GAN's and cGAN's D (in "
+                                             "place of its batch norm)", "models")
+    gan_ema: float = setting(0.0, "decay of the average of G's weights that the GAN and cGAN sample with (0 = "
+                                  "off: G itself)", "models")
     cgan_real_target: float = setting(0.9, "the cGAN's target for real images (one-sided label smoothing)",
                                       "models", flag=False)
     # WGAN-GP
@@ -1027,6 +1191,8 @@ class Config:
     wgan_n_critic: int = setting(5, "WGAN-GP critic steps (batches) per generator step", "models")
     wgan_gp: float = setting(10.0, "WGAN-GP lambda, the weight of the gradient penalty", "models")
     wgan_critic_width: int = setting(64, "WGAN-GP critic channels at 14x14 (2x at 7x7)", "models")
+    wgan_clip: float = setting(0.01, "the clipping WGAN's bound c: critic weights clipped to [-c, c]", "models")
+    wgan_clip_lr: float = setting(5e-5, "the clipping WGAN's RMSprop learning rate, G and critic", "models")
     # DDPM and cDDPM
     ddpm_T: int = setting(1000, "diffusion steps of the forward process", "models", flag=False)
     ddpm_beta_start: float = setting(1e-4, "noise variance added at the first step", "models", flag=False)
@@ -1037,6 +1203,10 @@ class Config:
                                profiles={"smoke": 1})
     ddpm_ema: float = setting(0.999, "decay of the weight average used for sampling (0 = off)", "models")
     ddpm_min_snr: float = setting(5.0, "min-SNR-gamma loss weighting over timesteps (0 = plain MSE)", "models")
+    ddpm_lr_decay: bool = setting(False, "after the warm-up, lower the DDPM's learning rate along a cosine to 0 at "
+                                         "its last step", "models")
+    ddpm_predict: str = setting("x0", "what the U-Net outputs: x0 (the clean digit, turned into the noise it "
+                                      "implies) | eps (the noise, as in the DDPM paper)", "models", before="eps")
     cddpm_p_uncond: float = setting(0.1, "probability that a cDDPM training label is replaced by the null label",
                                     "models", flag=False)
     cddpm_guidance: float = setting(1.0, "guidance weight w of the cDDPM's exported samples (0 = none)", "models",
@@ -1195,6 +1365,7 @@ def validate(cfg: Config) -> None:
          "channels at 28x28), gan_d_width 1 or more")
     need(cfg.wgan_n_critic >= 1 and cfg.wgan_gp >= 0 and cfg.wgan_critic_width >= 1,
          "wgan_n_critic must be 1 or more, wgan_gp 0 or more, wgan_critic_width 1 or more")
+    need(cfg.wgan_clip > 0 and cfg.wgan_clip_lr > 0, "wgan_clip and wgan_clip_lr must be above 0")
     need(cfg.cddpm_guidance >= 0, "cddpm_guidance must be 0 (no guidance) or more")
     need(not cfg.compare_run or (Path(cfg.compare_run) / "results.json").is_file(),
          f"compare_run {cfg.compare_run!r} holds no results.json: name the output folder of a finished run")
@@ -1220,7 +1391,9 @@ def validate(cfg: Config) -> None:
     need(cfg.ancestral_preview >= 0, "ancestral_preview must be 0 or more")
     need(cfg.ddpm_width >= 8 and cfg.ddpm_width % 8 == 0, "ddpm_width must be a multiple of 8")
     need(cfg.ddpm_lr > 0 and cfg.ddpm_min_snr >= 0, "ddpm_lr must be > 0, ddpm_min_snr >= 0")
-    need(0 <= cfg.ddpm_ema < 1, "ddpm_ema must be in [0, 1)")
+    need(0 <= cfg.ddpm_ema < 1 and 0 <= cfg.gan_ema < 1, "ddpm_ema and gan_ema must be in [0, 1)")
+    need(cfg.ddpm_predict in ("eps", "x0"), f"ddpm_predict {cfg.ddpm_predict!r}: use eps or x0")
+    need(cfg.vae_mixture >= 0, "vae_mixture must be 0 (sample from the prior) or more Gaussians")
     need(cfg.eval_epochs >= 1, "eval_epochs must be 1 or more")
     need(cfg.eval_held_out >= cfg.n_samples, f"eval_held_out ({cfg.eval_held_out}) must be at least n_samples "
          f"({cfg.n_samples}): the real floor compares as many held-out training digits as samples")
@@ -1558,6 +1731,14 @@ def load_mnist(root: str, train: bool = True, dataset: str = "mnist"):
     return ds.data.clone(), ds.targets.clone()
 
 
+def reference_digits(test_uint8: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n test digits drawn at random (seeded), in random order. MNIST's test set is not shuffled: its first
+    5,000 digits come from NIST's SD-3 and are drawn thinner than its last 5,000 (SD-1: fewer pixels above
+    127). So its first n would be a biased sample of it, and any first part of the reference (the
+    per-epoch FIDs', the two-sample test's fitting half) would be another kind of digit than the rest."""
+    return test_uint8[torch.randperm(len(test_uint8), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
 def steps_per_epoch(n_images: int, cfg: Config) -> int:
     n = n_images // cfg.batch_size  # the last partial batch is dropped
     return min(n, cfg.max_batches) if cfg.max_batches else n
@@ -1878,6 +2059,8 @@ def fit(trainer, data, cfg: Config, epochs: int, probe=None, gen: torch.Generato
                  if hist.epochs_done else f"no checkpoint of {trainer.name} at {checkpoint}")
         raise SetupError(f"--pretrained: {found}: run once without --pretrained to train it "
                          f"(or with --resume to finish it) into {cfg.out}")
+    if hasattr(trainer, "plan"):  # a learning-rate schedule that ends with the training
+        trainer.plan(epochs * steps_per_epoch(len(images), cfg))
     with PeakMemory(trainer.device) as memory:
         for epoch in range(hist.epochs_done, epochs):
             started = time.perf_counter()
@@ -1928,6 +2111,14 @@ def training_state(trainer, hist: History, gen: torch.Generator, epochs: int, cf
             "config": dataclasses.asdict(cfg)}
 
 
+def trains(setting_name: str, model: str) -> bool:
+    """Whether a training setting changes how `model` trains: a setting of the "models" group belongs to the
+    models whose entry `reads` its prefix; every other one (seed, data, batches) to all of them."""
+    if model not in MODELS or FIELDS[setting_name].metadata["group"] != "models":
+        return True
+    return setting_name.startswith(MODELS[model].reads)
+
+
 def load_checkpoint(path: Path, name: str, cfg: Config, epochs: int) -> dict:
     """A checkpoint of `name` made with the same training settings, or a SetupError saying what to do."""
     fix = f"delete {path} to train {name} from scratch, or run without --resume"
@@ -1937,10 +2128,11 @@ def load_checkpoint(path: Path, name: str, cfg: Config, epochs: int) -> dict:
         raise SetupError(f"{path} is not a readable checkpoint ({type(err).__name__}): {fix}") from None
     if not isinstance(state, dict) or state.get("model") != name or "history" not in state:
         raise SetupError(f"{path} is not a training checkpoint of {name} from this notebook: {fix}")
-    # a setting added after the checkpoint was made counts as its default: the code behaved so before it existed
-    saved, now = {**dataclasses.asdict(Config()), **state["config"]}, dataclasses.asdict(cfg)
+    # a setting added after the checkpoint was made counts as the value the code behaved as before it existed
+    older = {k: f.metadata["before"] for k, f in FIELDS.items() if f.metadata["before"] is not None}
+    saved, now = {**dataclasses.asdict(Config()), **older, **state["config"]}, dataclasses.asdict(cfg)
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
-               if k not in NOT_TRAINING_FIELDS and saved[k] != now[k]]
+               if k not in NOT_TRAINING_FIELDS and saved[k] != now[k] and trains(k, name)]
     if changed:
         raise SetupError(f"{path} was trained with other settings ({'; '.join(changed)}): {fix}")
     if state["epoch"] > epochs:
@@ -2054,6 +2246,8 @@ def train_model(ctx: Run, name: str, checkpoint: Path | None, cfg: Config | None
     n = probe_size(model, cfg, len(ctx.test[0]))
     hist = fit(model, ctx.train, cfg, cfg.model_epochs(name), (lambda m: epoch_probe(m, n)) if probes else None,
                checkpoint=checkpoint, resume=cfg.resume, pretrained=cfg.pretrained, on_epoch=on_epoch)
+    if hasattr(model, "after_training"):  # the VAE's mixture over its training codes
+        model.after_training(ctx.train[0])
     return Trained(name, model, hist, n_params(*model.modules))
 
 
@@ -2497,7 +2691,9 @@ def data_section(ctx):
 # ### 7.2 Training the VAE (defined in [section 2](#vae))
 #
 # Its loss and the loss's two terms, ten samples, reconstructions and interpolations, a walk through its
-# latent space, and its samples from the same codes after every epoch.
+# latent space, its samples from the same codes after every epoch (drawn from the prior: the mixture is
+# fitted once training ends), and where its samples' codes lie: from the prior, from training digits and from
+# the mixture (`vae_samplers.png`).
 
 # %%
 @torch.inference_mode()
@@ -2546,12 +2742,51 @@ def plot_latent_walk(images, n: int, span: float, model_title: str, path: Path):
     show(fig, path)
 
 
+@torch.inference_mode()
+def code_sources(model, train_uint8, n: int, gen: torch.Generator) -> dict:
+    """n codes from each place a VAE can take them: the prior N(0, I); the aggregate posterior, z ~ q(z|x) of
+    n random training digits (codes the decoder was trained on); and the mixture fitted to the training codes."""
+    x = train_uint8[torch.randperm(len(train_uint8), generator=torch.Generator().manual_seed(gen.initial_seed()))[:n]]
+    mu, logvar = model.model.encode(to_unit(x.to(model.device)))
+    sources = {"prior N(0, I)": torch.randn(n, model.cfg.vae_latent, generator=gen, device=model.device),
+               "training digits' q(z|x)": mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=gen,
+                                                                                 device=model.device)}
+    if model.mixture is not None:
+        sources[f"mixture of {len(model.mixture['weights'])} Gaussians"] = sample_mixture(model.mixture, n, gen)
+    return sources
+
+
+def plot_code_sources(model, sources: dict, model_title: str, path: Path, shown: int = 10):
+    """Left: `shown` images decoded from each source's codes, a row each. Right: the codes on the two leading
+    principal directions of the training digits' codes, where the prior's holes show."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.9 * len(sources) + 1.6),
+                                      gridspec_kw={"width_ratios": [2.4, 1]})
+    images = np.concatenate([to_uint8(model.decode(z[:shown]), signed=False) for z in sources.values()])
+    image_grid(left, images, len(sources), shown, f"{model_title}: decoded codes")
+    left.set_yticks(np.arange(len(sources)) * 28 + 14)
+    left.set_yticklabels(list(sources), fontsize=7)
+    codes = list(sources.values())[1].double()
+    mean = codes.mean(0)
+    _, _, vt = torch.linalg.svd(codes - mean, full_matrices=False)
+    for (label, z), colour in zip(sources.items(), ("tab:blue", "grey", "tab:orange")):
+        xy = ((z.double() - mean) @ vt[:2].T).cpu().numpy()
+        right.scatter(xy[:, 0], xy[:, 1], s=2, alpha=0.4, color=colour, label=label)
+    right.set_xlabel("principal direction 1 of the training codes")
+    right.set_ylabel("principal direction 2")
+    right.set_title("where the codes lie", fontsize=10)
+    right.legend(fontsize=7, markerscale=4)
+    show(fig, path)
+
+
 def vae_pictures(ctx: Run, trained: Trained):
-    """How the VAE works: reconstructions and straight lines in code space, and a 2-D walk through it."""
+    """How the VAE works: reconstructions and straight lines in code space, a 2-D walk through it, and the
+    codes its samples come from."""
     model, out = trained.model, ctx.out
     ctx.arrays["vae_reconstructions"] = rec = reconstructions(ctx, model)
     plot_reconstructions(rec, trained.spec.title, out / "vae_reconstructions.png")
     plot_latent_walk(latent_walk(model, ctx.test[0][:5000]), 9, 2.0, trained.spec.title, out / "vae_latent_walk.png")
+    sources = code_sources(model, ctx.train[0], 2000, torch.Generator(ctx.device).manual_seed(ctx.cfg.seed + 10))
+    plot_code_sources(model, sources, trained.spec.title, out / "vae_samplers.png")
 
 
 @stage
@@ -2595,7 +2830,7 @@ def style_grid(model, rows: int, gen: torch.Generator) -> np.ndarray:
     with autocast(model.cfg, model.device):
         if hasattr(model, "G"):
             z = torch.randn(rows, model.cfg.gan_noise, generator=gen, device=model.device).repeat_interleave(10, 0)
-            return to_uint8(model.G(z, one_hot(y)), model.signed)
+            return to_uint8(model.generator(z, one_hot(y)), model.signed)
         x_T = torch.randn(rows, 1, 28, 28, generator=gen, device=model.device).repeat_interleave(10, 0)
         return to_uint8(sample_ddim(model.net, model.sched, rows * 10, gen, model.device, model.cfg.ddim_steps, False,
                                     y, model.cfg.cddpm_guidance, 0.0, x_T=x_T), model.signed)
@@ -2627,7 +2862,12 @@ def cgan_section(ctx):
 #
 # Its weighted and plain losses, samples from both samplers, its samples after every epoch, and the three
 # pictures of section 5: the forward process on real test digits, the noise schedule with the loss weight,
-# and the reverse process of the export sampler ($x_t$ and the predicted $\hat x_0$).
+# and the reverse process of the export sampler ($x_t$ and the predicted $\hat x_0$). Last, its error per
+# timestep on 500 test digits it never saw (`ddpm_noise_error.png`): on the left the plain noise MSE and the
+# weighted loss, with the crossing $\mathrm{SNR}_t = \gamma$ below which the weight falls under 1; on the
+# right what the predicted $\hat x_0$ leaves on the background, whose pixels are exactly 0 in every real
+# digit. The sampler's last jumps read $\hat x_0$ at the smallest timesteps, so a spread of more than about
+# half a grey level there becomes the faint haze that section 9 counts.
 
 # %%
 FORWARD_TIMESTEPS = (0, 50, 100, 200, 400, 700, 1000)  # the maths' t (0: the clean digit), as fractions of T = 1000
@@ -2702,14 +2942,84 @@ def plot_reverse_process(rev: dict, note: str, path: Path):
     show(fig, path)
 
 
+def error_timesteps(T: int, n: int = 24) -> list:
+    """About n code timesteps from 0 to T-1, spaced evenly on a log scale (the nearly clean ones matter here)."""
+    return sorted({int(round(t)) - 1 for t in np.geomspace(1, T, n)})
+
+
+@torch.inference_mode()
+def noise_error_per_timestep(net, sched: Schedule, x0, ts, gen: torch.Generator, gamma: float) -> dict:
+    """At each code timestep t of ts, on the digits x0 (in [-1, 1]) with one noise draw each: the plain MSE
+    ||eps - eps_theta(x_t, t)||^2 per pixel, the loss weight w_t = min(SNR_t, gamma) / SNR_t (1 when gamma = 0)
+    and the weighted loss w_t MSE; and the predicted x_0's error on the background (pixels that are exactly 0
+    in x0), in grey levels of 255: its spread, and the share of background pixels it turns faint (1-FAINT)."""
+    rows = {"t": [], "mse": [], "weight": [], "weighted": [], "background_sd": [], "background_faint": []}
+    background = x0 == -1
+    for t in ts:
+        tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
+        eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+        x_t = q_sample(sched, x0, tt, eps)
+        eps_hat = predict_eps(net, sched, x_t, tt)
+        mse = float((eps_hat - eps).pow(2).mean())
+        snr = float(sched.snr[t])
+        weight = min(snr, gamma) / snr if gamma > 0 else 1.0
+        ab = sched.alpha_bar[t]
+        x0_hat = (x_t - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
+        levels = (x0_hat - x0) * 127.5  # [-1, 1] -> grey levels of 255
+        shown = torch.as_tensor(to_uint8(x0_hat, signed=True))[background.squeeze(1).cpu()]  # clipped, rounded
+        for key, value in (("t", t + 1), ("mse", mse), ("weight", weight), ("weighted", weight * mse),
+                           ("background_sd", float(levels[background].std()) if background.any() else float("nan")),
+                           ("background_faint", float(((shown > 0) & (shown <= FAINT)).float().mean()))):
+            rows[key].append(value)  # t: the maths' t = code index + 1
+    return rows
+
+
+def snr_crossing(sched: Schedule, gamma: float) -> int | None:
+    """The maths' t where SNR_t falls to gamma: below it, the min-SNR weight w_t is under 1."""
+    below = (sched.snr <= gamma).nonzero()
+    return int(below[0]) + 1 if gamma > 0 and len(below) else None
+
+
+def plot_noise_error(rows: dict, crossing: int | None, path: Path):
+    """Left: the plain MSE and the weighted loss per timestep, with the weight. Right: what the predicted x_0
+    leaves on the background at that timestep."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left.plot(rows["t"], rows["mse"], "o-", label="plain MSE of the noise (1 = a blind guess)")
+    left.plot(rows["t"], rows["weighted"], "s-", label="weighted loss $w_t$ MSE (what is optimised)")
+    left.plot(rows["t"], rows["weight"], ":", color="grey", label="weight $w_t$")
+    right.plot(rows["t"], rows["background_sd"], "o-", color="tab:red", label="spread of $\\hat x_0$'s error (grey levels)")
+    right.plot(rows["t"], np.array(rows["background_faint"]) * 100, "s-", color="tab:purple",
+               label="background pixels made faint (1-10), %")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("timestep t (log scale)")
+        if crossing:
+            ax.axvline(crossing, color="k", lw=0.8, ls="--", label=f"SNR$_t = \\gamma$ at t = {crossing}")
+        ax.legend(fontsize=7)
+    left.set_yscale("log")
+    left.set_ylabel("per pixel, on held-out test digits")
+    left.set_title("noise-prediction error per timestep", fontsize=10)
+    right.set_ylabel("grey levels of 255 / % of background pixels")
+    right.set_title("the predicted $x_0$ on the background (real digits: exactly 0)", fontsize=10)
+    show(fig, path)
+
+
 def ddpm_pictures(ctx: Run, trained: Trained):
-    """How the DDPM works: the forward process on eight test digits, the schedule, the reverse process."""
+    """How the DDPM works: the forward process on eight test digits, the schedule, the reverse process, and its
+    noise-prediction error per timestep on held-out test digits."""
     model, cfg, out = trained.model, ctx.cfg, ctx.out
     ts = [round(f * model.sched.T / 1000) for f in FORWARD_TIMESTEPS]
     x0 = to_signed(ctx.test[0][:8])
     plot_forward_process(forward_process(model.sched, x0, ts, torch.Generator().manual_seed(cfg.seed + 6)), ts,
                          out / "ddpm_forward.png")
     plot_schedule(model.sched, cfg.ddpm_min_snr, out / "ddpm_schedule.png")
+    with autocast(cfg, ctx.device):
+        digits = reference_digits(ctx.test[0], 500, cfg.seed + 8).to(ctx.device)  # never trained on
+        errors = noise_error_per_timestep(model.net, model.sched, to_signed(digits),
+                                          error_timesteps(model.sched.T), torch.Generator(ctx.device).manual_seed(
+                                              cfg.seed + 8), cfg.ddpm_min_snr)
+    trained.extras["noise_error"] = errors
+    plot_noise_error(errors, snr_crossing(model.sched, cfg.ddpm_min_snr), out / "ddpm_noise_error.png")
     if ctx.export_sampler.kind == "ddim":
         rev = reverse_process(model, 8, torch.Generator(ctx.device).manual_seed(cfg.seed + 7), ctx.export_sampler)
         plot_reverse_process(rev, model.sampler_note(ctx.export_sampler), out / "ddpm_reverse.png")
@@ -2812,14 +3122,6 @@ def features(model, images_uint8) -> np.ndarray:
     return torch.cat(feats).numpy()
 
 
-def reference_digits(test_uint8: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """n test digits drawn at random (seeded), in random order. MNIST's test set is not shuffled: its first
-    5,000 digits come from NIST's SD-3 and are drawn thinner than its last 5,000 (SD-1: fewer pixels above
-    127). So its first n would be a biased sample of it, and any first part of the reference (the
-    per-epoch FIDs', the two-sample test's fitting half) would be another kind of digit than the rest."""
-    return test_uint8[torch.randperm(len(test_uint8), generator=torch.Generator().manual_seed(seed))[:n]]
-
-
 def prepare_evaluation(ctx: Run):
     """Train (or load) the evaluator once, and take its features of the reference test digits."""
     if ctx.evaluator is not None:
@@ -2872,7 +3174,7 @@ def evaluator_section(ctx):
 #   digits are drawn thinner than its last 5,000), so the test digits every measure uses are drawn from
 #   it at random and shuffled: halves cut in order would otherwise fit the detector on one kind of
 #   digit and test it on another. It sees
-#   even a haze no eye sees: real backgrounds are exactly 0, so it runs a second time with the
+#   a faint haze that is hard to see on a screen: real backgrounds are exactly 0, so it runs a second time with the
 #   **faint** pixels (1 to `FAINT` = 10 grey levels of 255) set to 0 in both sets, and the report gives the
 #   share of faint pixels of every model.
 # * **sharpness**, the root mean square difference between neighbouring pixels (0-1 scale) after a 3x3
@@ -2983,14 +3285,18 @@ def sharpness(images_uint8) -> float:
     return total / len(x)
 
 
-FAINT = 10  # grey levels out of 255: a pixel above 0 and at most this is too faint to see on a screen
-
-
 def faint_share(images_uint8) -> float:
     """The share of pixels that are faint (1 to FAINT): real MNIST backgrounds are exactly 0, and a model
     that leaves a faint haze there is told from real digits by a detector, though no eye sees it."""
     x = np.asarray(images_uint8)
     return float(((x > 0) & (x <= FAINT)).mean())
+
+
+def pixel_histogram(images_uint8) -> np.ndarray:
+    """The share of pixels at each grey level 0..255: a haze shows as mass at the faint levels 1..FAINT,
+    where real digits have almost none."""
+    counts = np.bincount(np.asarray(images_uint8).ravel(), minlength=256).astype(np.float64)
+    return counts / counts.sum()
 
 
 def without_faint(images_uint8) -> torch.Tensor:
@@ -3277,6 +3583,18 @@ def latent_pca(ctx: Run, model, n: int = 5000) -> dict:
     return {"coords": centred @ vt[:3].T, "labels": y, "explained": (sing ** 2 / (sing ** 2).sum())[:3].tolist()}
 
 
+def prior_sampler_metrics(ctx: Run, model) -> dict:
+    """A VAE's other sampler, z ~ N(0, I), measured beside the exported one (the mixture over its training codes):
+    classifier-FID with its range, precision and recall, from as many samples and the same seed as the export."""
+    images = draw(model, ctx.cfg.n_samples, torch.Generator(ctx.device).manual_seed(model.cfg.seed + 1), PRIOR)
+    feats, seed = features(ctx.evaluator, images), model.cfg.seed + 9
+    fid = frechet_distance(feats, ctx.ref_feats)
+    return {"sampler": model.sampler_note(PRIOR), "fid": fid,
+            "fid_range": bootstrap_range(frechet_distance, fid, feats, ctx.ref_feats, draws=ctx.cfg.bootstrap, seed=seed),
+            **precision_recall(ctx.ref_feats, feats, draws=ctx.cfg.bootstrap, seed=seed),
+            "faint_share": faint_share(images)}
+
+
 def measure_model(ctx: Run, trained: Trained) -> dict:
     """Every number of one trained model (section 9): efficiency from its training, stability from its
     per-epoch samples, clarity and controllability from its exported samples."""
@@ -3303,6 +3621,8 @@ def measure_model(ctx: Run, trained: Trained) -> dict:
         ctx.arrays[f"{name}_latent"] = latent_pca(ctx, model)
         entry["test_reconstruction_bce"] = ctx.arrays[f"{name}_reconstructions"]["bce"]
         entry["latent_pca_variance"] = ctx.arrays[f"{name}_latent"]["explained"]
+    if getattr(model, "mixture", None) is not None:
+        entry["prior_sampler"] = prior_sampler_metrics(ctx, model)
     return entry
 
 
@@ -3549,7 +3869,9 @@ def scores_section(ctx):
 # The comparison of samples, every model's loss curves, the classifier-FID after every epoch, and the
 # same FIDs against the training seconds spent so far (**quality per second of compute**, the fair view
 # of models trained for different times: a curve further left reached its quality sooner), the clarity
-# measures with their 95% ranges, the closest pairs of the memorisation check, controllability per digit
+# measures with their 95% ranges, the **pixel values** of each model's samples against real digits' (a
+# histogram on a log scale: real backgrounds are exactly 0, so a haze shows as mass at the faint grey
+# levels 1-10, shaded), the closest pairs of the memorisation check, controllability per digit
 # with confusion matrices, the VAE's latent space in 3D, what the evaluator sees in each model's samples,
 # and the four scores as a 3D plot and a radar chart. These functions only draw: every number they show
 # comes from the results above.
@@ -3607,6 +3929,23 @@ def plot_fid_per_second(models: dict, histories: dict, floor: float, path: Path)
     ax.set_ylabel("classifier-FID (lower is better)")
     ax.set_title("Quality per second of compute: classifier-FID after every epoch")
     ax.legend(fontsize=7)
+    show(fig, path)
+
+
+def plot_pixel_values(samples: dict, real_uint8, path: Path):
+    """Each model's share of pixels at every grey level against real digits', on a log scale, the faint
+    levels 1..FAINT shaded: a haze the eye cannot see lifts a curve there."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    levels = np.arange(256)
+    ax.axvspan(0.5, FAINT + 0.5, color="grey", alpha=0.15, label=f"faint: 1-{FAINT} of 255")
+    ax.step(levels, pixel_histogram(real_uint8), where="mid", color="k", lw=2, label="real digits (held out)")
+    for name, images in samples.items():
+        ax.step(levels, pixel_histogram(images), where="mid", color=MODELS[name].colour, lw=1, label=title(name))
+    ax.set_yscale("log")
+    ax.set_xlabel("grey level (0 = background, 255 = ink)")
+    ax.set_ylabel("share of all pixels")
+    ax.set_title("Pixel values: each model against real digits", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
     show(fig, path)
 
 
@@ -3777,6 +4116,8 @@ def draw_figures(ctx: Run):
     plot_fid_per_second(models, {n: t.history.as_dict() for n, t in measured.items()},
                         results["real_test"]["fid_floor"], out / "fid_per_second.png")
     plot_clarity_ranges(models, results["real_test"], out / "clarity_ranges.png")
+    plot_pixel_values({n: t.samples for n, t in measured.items()}, held_out(ctx, ctx.cfg.n_samples),
+                      out / "pixel_values.png")
     plot_memorisation(models, results["real_test"]["memorisation"]["threshold"],
                       {n: t.samples for n, t in measured.items()}, ctx.train[0], out / "memorisation.png")
     plot_control({n: m["control"] for n, m in models.items()}, out / "controllability.png", classes)
@@ -3913,6 +4254,22 @@ def below_floor_text(m: dict, real: dict) -> str:
         for n in below) + "."
 
 
+def prior_sampler_text(m: dict) -> str:
+    """For each model measured with its prior too (the VAE): both samplers' FID, and which one was better."""
+    text = ""
+    for n, entry in m.items():
+        if "prior_sampler" not in entry:
+            continue
+        prior = entry["prior_sampler"]
+        better = "better" if entry["fid"] < prior["fid"] else "no better"
+        beyond = apart(entry, prior, fid_range) or apart(prior, entry, fid_range)
+        text += (f" {title(n)}'s exported samples ({entry['sampler']}) score FID {entry['fid']:.1f} "
+                 f"({span(entry['fid_range'])}); from the prior N(0, I) the same decoder scores {prior['fid']:.1f} "
+                 f"({span(prior['fid_range'])}), precision {prior['precision']:.2f} against {entry['precision']:.2f}: "
+                 f"the fitted mixture is {better}" + (" beyond the ranges." if beyond else ", within noise."))
+    return text
+
+
 def clarity_text(results: dict) -> str:
     m, real, thing = results["models"], results["real_test"], noun(results)
     by_fid = sorted(m, key=lambda n: m[n]["fid"])
@@ -3930,7 +4287,7 @@ def clarity_text(results: dict) -> str:
                f"({span(real['two_sample']['range'], 1, 100)}).")
     text += within_noise(m, by_detector, detector_range, "the detector")
     text += disagreement(m, by_fid)
-    text += faint_text(m, real, thing) + below_floor_text(m, real)
+    text += faint_text(m, real, thing) + below_floor_text(m, real) + prior_sampler_text(m)
     by_precision = sorted(m, key=lambda n: -m[n]["precision"])
     best, worst = m[by_precision[0]], m[by_precision[-1]]
     text += (f" Precision is highest for {title(by_precision[0])} ({best['precision']:.2f}, "
@@ -4130,12 +4487,16 @@ def report_figures(results: dict) -> list:
                 ("cddpm_style.png", "cDDPM: the starting noise x_T fixed along each row, the label y across"),
                 ("ddpm_forward.png", "DDPM: the forward process on test digits"),
                 ("ddpm_schedule.png", "DDPM: the noise schedule and the loss weight"),
-                ("ddpm_reverse.png", "DDPM: the reverse process of the export sampler")]
+                ("ddpm_reverse.png", "DDPM: the reverse process of the export sampler"),
+                ("ddpm_noise_error.png", "DDPM: its noise-prediction error per timestep, and what the predicted x_0 "
+                                         "leaves on the background"),
+                ("vae_samplers.png", "VAE: codes from the prior, from training digits and from the fitted mixture")]
     figures += [("comparison.png", "Ten samples from each model")]
     figures += [(MODELS[n].figure(n), f"{title(n)}: " + ("each row asks for one class" if MODELS[n].conditional
                                                           else "ten random samples")) for n in results["models"]]
     figures += [("clarity_ranges.png", "Classifier-FID, the two-sample detector's accuracy, precision and recall, "
                                        "with 95% ranges"),
+                ("pixel_values.png", "The share of pixels at each grey level, each model against real digits"),
                 ("memorisation.png", "Each model's samples closest to a training digit, above that digit"),
                 ("scores_3d.png", "Clarity, stability and controllability; efficiency as colour and size"),
                 ("scores_radar.png", "The four scores"), ("epoch_fid.png", "Classifier-FID after every epoch"),
@@ -4472,14 +4833,24 @@ class WGANTrainer:
         self.name, self.cfg, self.device = name, cfg, device
         self.G = prepare(Generator(cfg.gan_noise, 0, cfg.gan_width), cfg, device)
         self.C = prepare(Discriminator(0, cfg.wgan_critic_width, batch_norm=False), cfg, device)
-        self.opt_g = adam(self.G.parameters(), cfg.wgan_lr, device, (0.0, 0.9))
-        self.opt_c = adam(self.C.parameters(), cfg.wgan_lr, device, (0.0, 0.9))
+        self.opt_g, self.opt_c = self.optimizers()
         self.scaler_g, self.scaler_c = LossScaler(cfg, device), LossScaler(cfg, device)
         self.critic_steps = Counter()
         self.modules = (self.G, self.C)
         self.parts = {"generator": self.G, "critic": self.C, "opt_g": self.opt_g, "opt_c": self.opt_c,
                       "scaler_g": self.scaler_g, "scaler_c": self.scaler_c, "critic_steps": self.critic_steps}
         maybe_compile(cfg, *self.modules)
+
+    def optimizers(self) -> tuple:
+        """Adam(wgan_lr, betas 0 and 0.9) for G and for the critic."""
+        return tuple(adam(m.parameters(), self.cfg.wgan_lr, self.device, (0.0, 0.9)) for m in (self.G, self.C))
+
+    def penalty(self, x, fake):
+        """The critic's Lipschitz term: the gradient penalty."""
+        return gradient_penalty(self.C, x, fake)
+
+    def after_critic_step(self):
+        """Nothing here; the clipping WGAN (end of section C1) clips the critic's weights."""
 
     def step(self, xb, yb) -> dict:
         G, C = self.G, self.C
@@ -4489,9 +4860,10 @@ class WGANTrainer:
             with torch.no_grad():
                 fake = G(z)  # x_tilde; the critic step does not train G
             real_scores, fake_scores = C(x), C(fake)
-            penalty = gradient_penalty(C, x, fake)
+            penalty = self.penalty(x, fake)
             loss_c = critic_loss(real_scores, fake_scores, penalty, self.cfg.wgan_gp)
         self.scaler_c.backward_step(loss_c, self.opt_c)
+        self.after_critic_step()
         w_estimate = real_scores.float().mean() - fake_scores.float().mean()  # W^ = E[C(x)] - E[C(x_tilde)]
         self.critic_steps.n += 1
         if self.critic_steps.n % self.cfg.wgan_n_critic == 0:  # the generator step
@@ -4519,6 +4891,45 @@ class WGANTrainer:
 def wgan_section(ctx):
     """Train WGAN-GP when asked for (or resume / load it), export its samples, show its losses and samples."""
     train_section(ctx, "wgan")
+
+
+# %% [markdown]
+# <a id="wgan-clip"></a>
+# ### C1, continued: the original WGAN, weight clipping (`--models ...,wganclip`)
+#
+# Arjovsky et al. (2017) kept the critic Lipschitz the blunt way: after every critic step, every weight
+# is **clipped** to $[-c, c]$ with $c = 0.01$. A network whose weights are bounded has a bounded slope,
+# so $C$ stays $K$-Lipschitz for some $K$, and the critic still estimates $K \cdot W(P_r, P_g)$. There is
+# no penalty, $\mathcal L_C = \mathbb E[C(	ilde x)] - \mathbb E[C(x)]$, and the paper trains both
+# networks with RMSprop at $5\cdot 10^{-5}$ (momentum-free: with clipping, Adam's momentum made
+# training unstable) and 5 critic steps per generator step. The price is what WGAN-GP was made to fix:
+# clipped weights push the critic towards the simplest functions (most weights sit at $\pm c$), so its
+# gradient says less, and $c$ trades slow learning (small) against exploding gradients (large). Here the
+# critic and generator are WGAN-GP's, so the two differ only in how $C$ is kept Lipschitz and in the
+# optimiser.
+
+# %%
+class WGANClipTrainer(WGANTrainer):
+    """The original WGAN: the WGAN-GP networks, no penalty, every critic weight clipped to [-wgan_clip,
+    wgan_clip] after each critic step, RMSprop(wgan_clip_lr) for both networks."""
+    losses = ("W", "critic", "G")
+
+    def optimizers(self) -> tuple:
+        return tuple(torch.optim.RMSprop(m.parameters(), lr=self.cfg.wgan_clip_lr) for m in (self.G, self.C))
+
+    def penalty(self, x, fake):
+        return torch.zeros((), device=self.device)
+
+    @torch.no_grad()
+    def after_critic_step(self):
+        for p in self.C.parameters():
+            p.clamp_(-self.cfg.wgan_clip, self.cfg.wgan_clip)
+
+
+@stage
+def wgan_clip_section(ctx):
+    """Train the clipping WGAN when asked for (or resume / load it), export its samples, show its losses."""
+    train_section(ctx, "wganclip")
 
 
 # %% [markdown]
@@ -4833,10 +5244,14 @@ def seeds_section(ctx):
 
 # %%
 DESIGN_VARIANTS = {
-    "common DDPM defaults: lr 2e-4, plain MSE, no EMA": dict(ddpm_lr=2e-4, ddpm_warmup=1, ddpm_ema=0.0, ddpm_min_snr=0.0),
-    "lr 1e-3 + warm-up": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.0, ddpm_min_snr=0.0),
-    "lr 1e-3 + warm-up + EMA": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.999, ddpm_min_snr=0.0),
-    "lr 1e-3 + warm-up + EMA + min-SNR-5": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.999, ddpm_min_snr=5.0),
+    "common DDPM defaults: lr 2e-4, plain MSE, no EMA": dict(ddpm_lr=2e-4, ddpm_warmup=1, ddpm_ema=0.0, ddpm_min_snr=0.0,
+                                                             ddpm_predict="eps"),
+    "lr 1e-3 + warm-up": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.0, ddpm_min_snr=0.0, ddpm_predict="eps"),
+    "lr 1e-3 + warm-up + EMA": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.999, ddpm_min_snr=0.0, ddpm_predict="eps"),
+    "lr 1e-3 + warm-up + EMA + min-SNR-5": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.999, ddpm_min_snr=5.0,
+                                                ddpm_predict="eps"),
+    "lr 1e-3 + warm-up + EMA + min-SNR-5 + x0 prediction": dict(ddpm_lr=1e-3, ddpm_warmup=200, ddpm_ema=0.999,
+                                                                ddpm_min_snr=5.0, ddpm_predict="x0"),
 }
 
 
@@ -4933,7 +5348,7 @@ def slower_design_at_equal_time(ctx: Run) -> dict:
     DDPM's last per-epoch FID, and ten samples of each."""
     cfg, ours = ctx.cfg, ctx.results["models"]["ddpm"]
     seed_everything(cfg.seed)
-    plain_cfg = dataclasses.replace(cfg, ddpm_lr=1e-3, ddpm_warmup=1, ddpm_ema=0.0, ddpm_min_snr=0.0)
+    plain_cfg = dataclasses.replace(cfg, ddpm_lr=1e-3, ddpm_warmup=1, ddpm_ema=0.0, ddpm_min_snr=0.0, ddpm_predict="eps")
     model = PlainDDPMTrainer("slower design", plain_cfg, ctx.device)
     order, budget, steps = torch.Generator().manual_seed(cfg.seed), ours["train_seconds"], 0
     losses = []  # tensors: reading each back would make a GPU wait every step

@@ -205,7 +205,8 @@ FIGURES = ["vae_samples.png", "gan_samples.png", "cgan_grid.png", "ddpm_samples.
            "data_digits.png", "vae_losses.png", "gan_losses.png", "cgan_losses.png", "ddpm_losses.png",
            "vae_epochs.png", "gan_epochs.png", "cgan_epochs.png", "ddpm_epochs.png", "vae_latent_walk.png",
            "cgan_style.png", "ddpm_forward.png", "ddpm_schedule.png", "ddpm_reverse.png", "fid_per_second.png",
-           "play_cgan.png", "play_ddpm.png", "play_vae.png"]
+           "play_cgan.png", "play_ddpm.png", "play_vae.png", "ddpm_noise_error.png", "vae_samplers.png",
+           "pixel_values.png"]
 GIFS = [f"{name}_epochs.gif" for name in ("vae", "gan", "cgan", "ddpm")]
 AXES = ("clarity", "control", "stability", "efficiency")
 NETWORKS = {"vae": ["vae"], "gan": ["generator", "discriminator"], "cgan": ["generator", "discriminator"],

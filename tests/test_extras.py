@@ -80,10 +80,17 @@ class LabelEcho(nn.Module):
 def test_guidance_combines_conditional_and_null_predictions(nb):
     model = LabelEcho()
     x, t, y = torch.zeros(3, 1, 28, 28), torch.zeros(3, dtype=torch.long), torch.tensor([2, 4, 6])
-    assert torch.equal(nb.predict_eps(model, x, t, y, 0.0)[:, 0, 0, 0], y.float())  # w = 0: conditional only
-    eps = nb.predict_eps(model, x, t, y, 3.0)[:, 0, 0, 0]
+    sched = nb.Schedule()
+    assert torch.equal(nb.predict_eps(model, sched, x, t, y, 0.0)[:, 0, 0, 0], y.float())  # w = 0: conditional only
+    eps = nb.predict_eps(model, sched, x, t, y, 3.0)[:, 0, 0, 0]
     assert torch.allclose(eps, 4 * y.float() - 3 * 10)  # (1 + w) eps(y) - w eps(null)
     assert model.seen[-1].tolist() == [2, 4, 6, 10, 10, 10]  # one batch of 2n
+    # a network that predicts x_0: guidance mixes its x_0 predictions, and the mix is turned into noise
+    model.predicts = "x0"
+    x0_mix = 4 * y.float() - 3 * 10
+    ab = sched.alpha_bar[t]
+    expected = (x[:, 0, 0, 0] - ab.sqrt() * x0_mix) / (1 - ab).sqrt()
+    assert torch.allclose(nb.predict_eps(model, sched, x, t, y, 3.0)[:, 0, 0, 0], expected)
 
 
 def test_labels_are_dropped_with_p_uncond(nb):

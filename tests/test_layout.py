@@ -131,8 +131,9 @@ def test_papermill_parameters_run_the_notebook(notebook_run):
                  if "image/png" in o.get("data", {}))
     assert images >= len(FIGURES)  # every figure (each model's section pictures among them), shown inline
     vae_cell = next(c for c in notebook.cells if c.cell_type == "code" and "def vae_section" in c.source)
-    # shown right there: its losses, ten samples, its epochs, reconstructions and interpolations, the latent walk
-    assert sum("image/png" in o.get("data", {}) for o in vae_cell.outputs) == 5
+    # shown right there: its losses, ten samples, its epochs, reconstructions and interpolations, the latent walk,
+    # and where its samples' codes come from (prior, training digits, the fitted mixture)
+    assert sum("image/png" in o.get("data", {}) for o in vae_cell.outputs) == 6
     assert f"vae epoch 1/{SMOKE_EPOCHS}" in "".join(o.get("text", "") for o in vae_cell.outputs)
 
 

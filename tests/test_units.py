@@ -764,3 +764,186 @@ def test_the_report_says_which_conclusions_another_run_changes(nb, tmp_path):
     assert rows["the order by classifier-FID"] == ["DDPM < VAE < GAN", "GAN < DDPM < VAE", "yes"]
     assert rows["most stable (stability score)"][2] == "no"
     assert nb.profile_comparison_markdown(run("cpu", (1, 2, 3), (0.5, 0.5, 0.5))) == []
+
+
+class Oracle(torch.nn.Module):
+    """A 'network' that knows the clean digit x0: it returns the exact noise of x_t (predicts="eps") or x0 itself
+    (predicts="x0"), so every error measure of it is 0."""
+
+    def __init__(self, sched, x0, predicts="eps"):
+        super().__init__()
+        self.sched, self.x0, self.predicts = sched, x0, predicts
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_t, t, y=None):
+        if self.predicts == "x0":
+            return self.x0.expand_as(x_t)
+        ab = self.sched.alpha_bar[t].view(-1, 1, 1, 1)
+        return (x_t - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+
+class Blind(torch.nn.Module):
+    """Predicts no noise at all: its MSE is E[eps^2] = 1 at every timestep."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_t, t, y=None):
+        return torch.zeros_like(x_t)
+
+
+def digits_on_black(n=16, seed=0):
+    """Digit-like images in [-1, 1]: a background of exactly -1 with a bright block of 'ink'."""
+    x0 = -torch.ones(n, 1, 28, 28)
+    x0[:, :, 8:20, 12:16] = torch.rand(n, 1, 12, 4, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return x0
+
+
+def test_noise_error_per_timestep_on_known_networks(nb):
+    sched, x0 = nb.Schedule(), digits_on_black()
+    ts = nb.error_timesteps(sched.T, 12)
+    assert ts[0] == 0 and ts[-1] == sched.T - 1 and ts == sorted(set(ts))
+    gen = lambda: torch.Generator().manual_seed(3)
+    for predicts in ("eps", "x0"):
+        exact = nb.noise_error_per_timestep(Oracle(sched, x0, predicts), sched, x0, ts, gen(), 5.0)
+        assert max(exact["mse"]) < 1e-6 and max(exact["background_faint"]) == 0  # no error, no haze
+        assert max(exact["background_sd"]) < 1e-2
+    blind = nb.noise_error_per_timestep(Blind(), sched, x0, ts, gen(), 5.0)
+    assert blind["t"] == [t + 1 for t in ts]  # the maths' t
+    assert all(m == pytest.approx(1.0, abs=0.05) for m in blind["mse"])  # E[eps^2] = 1
+    snr = sched.snr[ts].double()
+    assert np.allclose(blind["weight"], (snr.clamp(max=5) / snr).numpy(), rtol=1e-5)
+    assert np.allclose(blind["weighted"], np.array(blind["weight"]) * np.array(blind["mse"]))
+    # predicting no noise leaves x_t's noise in x_0: at t = 0 (sigma 0.01, 1.3 grey levels) about a third of the
+    # background turns faint once rounded, the haze of a network that cannot see the smallest noise
+    assert 0.2 < blind["background_faint"][0] < 0.5 and blind["background_sd"][0] == pytest.approx(1.27, rel=0.1)
+    plain = nb.noise_error_per_timestep(Blind(), sched, x0, ts, gen(), 0.0)
+    assert plain["weight"] == [1.0] * len(ts)
+    crossing = nb.snr_crossing(sched, 5.0)
+    assert sched.snr[crossing - 2] > 5 >= sched.snr[crossing - 1] and nb.snr_crossing(sched, 0.0) is None
+
+
+def test_x0_prediction_is_turned_into_noise(nb):
+    """A network that predicts x_0 is read as the noise it implies: an exact x_0 gives the exact noise, and the
+    sampler's x_0 from that noise is the network's x_0 again."""
+    sched, x0 = nb.Schedule(), digits_on_black(4)
+    t = torch.tensor([0, 20, 500, 999])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    x_t = nb.q_sample(sched, x0, t, eps)
+    assert torch.allclose(nb.predict_eps(Oracle(sched, x0, "x0"), sched, x_t, t), eps, atol=2e-3)
+    assert torch.allclose(nb.eps_from_x0(sched, x_t, t, x0), eps, atol=2e-3)
+    net = nb.UNet(16, predicts="x0")
+    assert nb.UNet(16).predicts == "eps" and net.predicts == "x0"
+    loss = nb.ddpm_loss(net, sched, x0, torch.Generator().manual_seed(1), min_snr=5)
+    loss.backward()
+    assert torch.isfinite(loss) and net.head[-1].weight.grad.abs().sum() > 0
+
+
+def test_pixel_histogram(nb):
+    images = np.zeros((2, 28, 28), np.uint8)
+    images[0, 0, :4] = 255
+    images[1, 0, :2] = 5
+    hist = nb.pixel_histogram(images)
+    assert hist.shape == (256,) and hist.sum() == pytest.approx(1.0)
+    n = 2 * 784
+    assert hist[255] == pytest.approx(4 / n) and hist[5] == pytest.approx(2 / n) and hist[0] == pytest.approx((n - 6) / n)
+    assert hist[1:nb.FAINT + 1].sum() == pytest.approx(nb.faint_share(images))
+
+
+def test_mixture_fitted_to_two_clusters_samples_near_them(nb):
+    """A mixture of 2 fitted to codes in two tight clusters, far from 0, draws its codes from those clusters (none
+    from the empty middle, where the prior N(0, I) would put most of its draws)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.tensor([4.0, 0.0, 0.0]) + 0.1 * torch.randn(3000, 3, generator=g)
+    b = torch.tensor([-4.0, 2.0, 0.0]) + 0.3 * torch.randn(1000, 3, generator=g)
+    mixture = nb.fit_mixture(torch.cat([a, b]), 2, seed=1)
+    order = mixture["means"][:, 0].argsort(descending=True)
+    assert torch.allclose(mixture["means"][order], torch.tensor([[4.0, 0.0, 0.0], [-4.0, 2.0, 0.0]]), atol=0.05)
+    assert torch.allclose(mixture["weights"][order], torch.tensor([0.75, 0.25]), atol=0.02)
+    assert torch.allclose(mixture["covs"][order[1]].diagonal(), torch.full((3,), 0.09), rtol=0.15)
+    z = nb.sample_mixture(mixture, 4000, torch.Generator().manual_seed(2))
+    to_a, to_b = (z - a.mean(0)).norm(dim=1), (z - b.mean(0)).norm(dim=1)
+    assert (torch.minimum(to_a, to_b) < 1.5).all()  # every draw lies in a cluster
+    assert (to_a < to_b).float().mean().item() == pytest.approx(0.75, abs=0.03)
+    assert torch.equal(z, nb.sample_mixture(mixture, 4000, torch.Generator().manual_seed(2)))  # seeded
+
+
+def test_vae_samples_from_the_mixture_once_fitted(nb):
+    cfg = nb.make_config(["--profile", "smoke", "--vae-mixture", "3"], env={})
+    trainer = nb.build_trainer("vae", cfg, torch.device("cpu"))
+    images = (torch.rand(200, 28, 28) * 255).to(torch.uint8)
+    gen = lambda: torch.Generator().manual_seed(0)
+    before = trainer.sample(5, gen())
+    assert trainer.sampler_note(None).endswith("N(0, I)")
+    trainer.after_training(images)
+    assert len(trainer.mixture["weights"]) == 3 and "3-Gaussian" in trainer.sampler_note(None)
+    assert torch.equal(trainer.sample(5, gen(), sampler=nb.PRIOR), before)  # the prior on request
+    assert not torch.equal(trainer.sample(5, gen()), before)
+    off = nb.build_trainer("vae", nb.make_config(["--profile", "smoke", "--vae-mixture", "0"], env={}), torch.device("cpu"))
+    off.after_training(images)
+    assert off.mixture is None
+
+
+def test_clipping_wgan_keeps_its_critic_within_the_clip(nb):
+    cfg = nb.make_config(["--profile", "smoke", "--models", "wganclip", "--gan-width", "8", "--wgan-critic-width",
+                          "8", "--wgan-clip", "0.01"], env={})
+    torch.manual_seed(0)
+    trainer = nb.build_trainer("wganclip", cfg, torch.device("cpu"))
+    assert isinstance(trainer.opt_c, torch.optim.RMSprop) and trainer.opt_c.defaults["lr"] == 5e-5
+    assert max(p.abs().max().item() for p in trainer.C.parameters()) > 0.01  # the initial weights are wider
+    xb = (torch.rand(16, 28, 28) * 255).to(torch.uint8)
+    out = trainer.step(xb, torch.zeros(16, dtype=torch.long))
+    assert max(p.abs().max().item() for p in trainer.C.parameters()) <= 0.01
+    assert set(trainer.losses) <= set(out) and "GP" not in trainer.losses
+
+
+def test_gan_options_spectral_norm_and_weight_average(nb):
+    cfg = nb.make_config(["--profile", "smoke", "--gan-width", "8", "--gan-d-width", "8", "--gan-spectral-norm", "1",
+                          "--gan-ema", "0.9"], env={})
+    torch.manual_seed(0)
+    for name in ("gan", "cgan"):
+        trainer = nb.build_trainer(name, cfg, torch.device("cpu"))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trainer.D.modules())
+        assert nb.torch.nn.utils.parametrize.is_parametrized(trainer.D.net[0])
+        xb = (torch.rand(16, 28, 28) * 255).to(torch.uint8)
+        for _ in range(3):
+            trainer.step(xb, torch.arange(16) % 10)
+        # spectral normalisation: the largest singular value of each layer's weight stays near 1
+        w = trainer.D.net[-1].weight
+        assert torch.linalg.matrix_norm(w, ord=2).item() == pytest.approx(1.0, rel=0.1)
+        assert trainer.generator is trainer.ema.model and trainer.ema.updates == 3
+        live = torch.cat([p.flatten() for p in trainer.G.parameters()])
+        average = torch.cat([p.flatten() for p in trainer.generator.parameters()])
+        assert not torch.equal(live, average)
+        assert {"generator_ema", "ema"} <= set(trainer.parts)
+
+
+def test_a_checkpoint_older_than_a_setting_counts_as_what_the_code_did_then(nb, tmp_path):
+    """ddpm_predict arrived with x0 as its default; the DDPMs trained before it predicted the noise, so their
+    checkpoints are refused where x0 is asked and accepted where eps is."""
+    import dataclasses
+    cfg = nb.make_config(["--profile", "smoke"], env={})
+    config = dataclasses.asdict(cfg)
+    del config["ddpm_predict"]
+    torch.save({"model": "ddpm", "history": {}, "config": config, "epoch": 1}, tmp_path / "ddpm.pt")
+    with pytest.raises(nb.SetupError, match="ddpm_predict 'eps' -> 'x0'"):
+        nb.load_checkpoint(tmp_path / "ddpm.pt", "ddpm", cfg, 1)
+    cfg.ddpm_predict = "eps"
+    assert nb.load_checkpoint(tmp_path / "ddpm.pt", "ddpm", cfg, 1)["epoch"] == 1
+
+
+def test_a_checkpoint_compares_only_the_settings_its_model_trains_with(nb, tmp_path):
+    """Every setting of the models group belongs to some model's entry; a VAE checkpoint is not refused for a
+    DDPM or GAN setting, while the seed and the data still count for every model."""
+    import dataclasses
+    prefixes = tuple(p for spec in nb.MODELS.values() for p in spec.reads)
+    assert all(name.startswith(prefixes) for name, f in nb.FIELDS.items() if f.metadata["group"] == "models")
+    assert nb.trains("gan_ema", "gan") and nb.trains("gan_ema", "cgan") and not nb.trains("gan_ema", "vae")
+    assert nb.trains("seed", "vae") and nb.trains("ddpm_predict", "cddpm") and not nb.trains("ddpm_predict", "gan")
+    cfg = nb.make_config(["--profile", "smoke"], env={})
+    torch.save({"model": "vae", "history": {}, "config": dataclasses.asdict(cfg), "epoch": 1}, tmp_path / "vae.pt")
+    other = dataclasses.replace(cfg, ddpm_predict="eps", gan_ema=0.5)
+    assert nb.load_checkpoint(tmp_path / "vae.pt", "vae", other, 1)["epoch"] == 1
+    with pytest.raises(nb.SetupError, match="seed 42 -> 7"):
+        nb.load_checkpoint(tmp_path / "vae.pt", "vae", dataclasses.replace(cfg, seed=7), 1)
