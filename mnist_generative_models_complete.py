@@ -2867,7 +2867,10 @@ def cgan_section(ctx):
 # weighted loss, with the crossing $\mathrm{SNR}_t = \gamma$ below which the weight falls under 1; on the
 # right what the predicted $\hat x_0$ leaves on the background, whose pixels are exactly 0 in every real
 # digit. The sampler's last jumps read $\hat x_0$ at the smallest timesteps, so a spread of more than about
-# half a grey level there becomes the faint haze that section 9 counts.
+# half a grey level there becomes the faint haze that section 9 counts. Since this network predicts $x_0$,
+# its noise MSE exceeds 1 at the smallest $t$: there the noise is a grey level or less, and an $\hat x_0$
+# that misses by two grey levels implies a noise estimate off by more than the noise itself. The right
+# panel is what reaches the sample.
 
 # %%
 FORWARD_TIMESTEPS = (0, 50, 100, 200, 400, 700, 1000)  # the maths' t (0: the clean digit), as fractions of T = 1000
