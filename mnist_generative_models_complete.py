@@ -185,7 +185,10 @@ def one_hot(labels: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
 # $$\log p(x) \;\ge\; \mathrm{ELBO}(x) = \mathbb E_{q(z\mid x)}\big[\log p(x \mid z)\big] - \mathrm{KL}\big(q(z\mid x)\,\|\,p(z)\big).$$
 #
 # The decoder gives each pixel a Bernoulli probability $\hat x_i$, so $-\log p(x \mid z)$ is the binary
-# cross-entropy **summed over the 784 pixels**, and the KL between two Gaussians has a closed form. Per image
+# cross-entropy **summed over the 784 pixels**, and the KL between two Gaussians has a closed form. (MNIST's
+# pixels are grey levels in $[0, 1]$, not 0 or 1, so on them the BCE is not a normalised likelihood: it is
+# smallest at $\hat x_i = x_i$ but does not reach 0 there. It trains the decoder as usual; the ELBO it gives is
+# not a true bound on $\log p(x)$ of grey-level images.) Per image
 # (and then averaged over the batch) the VAE minimises
 #
 # $$\mathcal L = -\mathrm{ELBO} = \underbrace{\textstyle\sum_{i=1}^{784} \mathrm{BCE}(\hat x_i, x_i)}_{\text{reconstruction}} +
@@ -208,9 +211,10 @@ def one_hot(labels: torch.Tensor, n_classes: int = 10) -> torch.Tensor:
 # training digits by EM (`fit_mixture`) and draws the samples' codes from it (*ex-post density
 # estimation*, Ghosh et al., 2020). Fifty is a measured choice: on the `cpu` profile's VAE, 10, 20 and 50
 # Gaussians each drew better digits than the last, the last close to decoding the training codes
-# themselves, and 50 fit in seconds (`outputs/issue-30-tries/`). Section 7.2 shows codes and decoded digits from the prior, from
-# training digits and from the mixture; Part B measures both samplers, and the export uses the mixture
-# (the prior's samples are measured beside it, `PRIOR`).
+# themselves, and 50 fit in seconds (`outputs/issue-30-tries/`). Section 7.2 shows codes and decoded
+# digits from the prior, from training digits and from the mixture; Part B measures both samplers, and the
+# export uses the mixture (the prior's samples are measured beside it, `PRIOR`). The memorisation check of
+# Part B says whether samples drawn where the training codes lie come closer to training digits.
 
 # %%
 class VAE(nn.Module):
@@ -554,7 +558,11 @@ class GANTrainer:
 # constant planes, one-hot in $y$. Now $D$ rejects a good "3" that was supposed to be a
 # "7", so $G$ must obey the label: **we choose the digit**. Following the assignment,
 # $D$'s targets for real images are 0.9 instead of 1 (*one-sided label smoothing*),
-# which keeps $D$ from becoming over-confident and starving $G$ of gradient.
+# which keeps $D$ from becoming over-confident: its logits on real digits stay bounded, so $D$ does not
+# sharpen its boundary without end. (With the non-saturating loss, $G$'s own gradient does not vanish when $D$
+# wins; the smoothing calms $D$, not $G$'s gradient.) It also moves the equilibrium: the best $D$ for a
+# given $G$ is $D^*(x) = 0.9\,p_{\text{data}}(x) / (p_{\text{data}}(x) + p_g(x))$, which is **0.45**, not 0.5,
+# where $G$ matches the data.
 # The code is the GAN's: `Generator(n_classes=10)`, `Discriminator(n_classes=10)` and `GANTrainer`,
 # which reads `conditional=True` from the cGAN's entry in `MODELS`. Because the ten planes are constant,
 # their part of $D$'s first convolution is one feature map per class: `Discriminator.first_layer` makes
@@ -581,8 +589,10 @@ class GANTrainer:
 # $$q(x_t \mid x_{t-1}) = \mathcal N\!\left(\sqrt{1-\beta_t}\,x_{t-1},\;\beta_t I\right).$$
 #
 # Let $\alpha_t = 1 - \beta_t$ and $\bar\alpha_t = \prod_{s \le t} \alpha_s$. Gaussians compose: after $t$
-# steps the signal is scaled by $\sqrt{\alpha_1 \cdots \alpha_t} = \sqrt{\bar\alpha_t}$ and the noise
-# variances add up to $1 - \bar\alpha_t$, so any $x_t$ is one line away from the clean digit $x_0$:
+# steps the signal is scaled by $\sqrt{\alpha_1 \cdots \alpha_t} = \sqrt{\bar\alpha_t}$. The noise variances do
+# not simply add up: each step also scales the noise already there, so $V_t = \alpha_t V_{t-1} + \beta_t$,
+# and with $V_0 = 0$ this gives $V_t = 1 - \bar\alpha_t$ (check: $\alpha_t (1 - \bar\alpha_{t-1}) + 1 - \alpha_t =
+# 1 - \bar\alpha_t$). So any $x_t$ is one line away from the clean digit $x_0$:
 #
 # $$q(x_t \mid x_0) = \mathcal N\!\left(\sqrt{\bar\alpha_t}\,x_0,\;(1-\bar\alpha_t) I\right),
 #   \qquad x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\varepsilon,\quad \varepsilon \sim
@@ -803,8 +813,10 @@ def predict_eps(model, sched: Schedule, x_t, t, y=None, w: float = 0.0):
 # \frac{1-\bar\alpha_{t-1}}{1-\bar\alpha_t}\beta_t$. That is $T = 1000$ network passes per image.
 #
 # **DDIM (strided).** The same network also lets a sampler skip steps: predict
-# $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$, then jump to an earlier
-# $s < t$ with $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s-\sigma^2}\,\varepsilon_\theta +
+# $\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\varepsilon_\theta)/\sqrt{\bar\alpha_t}$ and clip it to $[-1, 1]$, the
+# range of real digits; re-derive the noise consistent with the clipped $\hat x_0$,
+# $\hat\varepsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0)/\sqrt{1-\bar\alpha_t}$; then jump to an earlier
+# $s < t$ with $x_s = \sqrt{\bar\alpha_s}\,\hat x_0 + \sqrt{1-\bar\alpha_s-\sigma^2}\,\hat\varepsilon +
 # \sigma z$,
 # where $\sigma =
 # \eta\sqrt{\frac{1-\bar\alpha_s}{1-\bar\alpha_t}\big(1-\frac{\bar\alpha_t}{\bar\alpha_s}\big)}$.
@@ -3176,10 +3188,9 @@ def evaluator_section(ctx):
 #   test digits should give 0.5 (a test of the test). MNIST's test set is ordered (its first 5,000
 #   digits are drawn thinner than its last 5,000), so the test digits every measure uses are drawn from
 #   it at random and shuffled: halves cut in order would otherwise fit the detector on one kind of
-#   digit and test it on another. It sees
-#   a faint haze that is hard to see on a screen: real backgrounds are exactly 0, so it runs a second time with the
-#   **faint** pixels (1 to `FAINT` = 10 grey levels of 255) set to 0 in both sets, and the report gives the
-#   share of faint pixels of every model.
+#   digit and test it on another. It sees a faint haze that is hard to see on a screen: real backgrounds
+#   are exactly 0, so it runs a second time with the **faint** pixels (1 to `FAINT` = 10 grey levels of
+#   255) set to 0 in both sets, and the report gives the share of faint pixels of every model.
 # * **sharpness**, the root mean square difference between neighbouring pixels (0-1 scale) after a 3x3
 #   median filter, beside the same number on real digits. The filter removes isolated dots and keeps
 #   strokes (two pixels wide or more), so blur lowers it and background speckle does not raise it.
@@ -3207,7 +3218,7 @@ def evaluator_section(ctx):
 # For the asked and steered models we also show the confusion matrix (asked vs seen).
 #
 # ### Stability and efficiency
-# The classifier-FID of the samples each model drew after every epoch (section 3), class coverage
+# The classifier-FID of the samples each model drew after every epoch (section 7), class coverage
 # (entropy of the predicted classes divided by $\log 10$; 1 = all digits equally), the smallest class
 # share and recall (mode collapse); wall time, images per second, parameters, time
 # per image at batch 1 and at batch 1000, and peak memory during training.
