@@ -338,14 +338,16 @@ class VAETrainer:
         self.scaler.backward_step(loss, self.opt)
         return {"loss": loss, "bce": bce, "kl": kl}
 
+    def density(self, sampler=None) -> dict | None:
+        """Where the codes come from: the mixture once it is fitted; None (the prior N(0, I)) before, or when
+        asked with the PRIOR sampler."""
+        return None if sampler is not None and sampler.kind == "prior" else self.mixture
+
     def sample(self, n, gen, labels=None, sampler=None, progress=False):
-        """Decoded codes from the mixture once it is fitted; from the prior N(0, I) before, or when asked
-        with the PRIOR sampler."""
-        prior = self.mixture is None or (sampler is not None and sampler.kind == "prior")
-        return self.model.sample(n, gen, self.device, None if prior else self.mixture)
+        return self.model.sample(n, gen, self.device, self.density(sampler))
 
     def sampler_note(self, sampler) -> str:
-        if self.mixture is None or (sampler is not None and sampler.kind == "prior"):
+        if self.density(sampler) is None:
             return "one decoder pass, z ~ N(0, I)"
         return f"one decoder pass, z from a {len(self.mixture['weights'])}-Gaussian fit to the training codes"
 
@@ -1184,7 +1186,7 @@ class Config:
     vae_lr: float = setting(1e-3, "VAE Adam learning rate (assignment: 1e-3)", "models", flag=False)
     vae_mixture: int = setting(50, "Gaussians of the mixture fitted to the VAE's training codes after training, "
                                    "which its samples' codes are drawn from (0 = the prior N(0, I))", "models",
-                               train=False)
+                               train=False, before=0)
     # GAN and cGAN
     gan_noise: int = setting(100, "size of the GAN's noise vector (assignment: 100)", "models", flag=False)
     gan_width: int = setting(64, "G's channels at 14x14 (2x at 7x7, 1/4 at 28x28)", "models")
@@ -1192,9 +1194,9 @@ class Config:
     gan_lr: float = setting(2e-4, "Adam learning rate of G and D (assignment: 2e-4)", "models", flag=False)
     gan_beta1: float = setting(0.5, "Adam beta1 of the GANs (0.5 is the usual choice)", "models", flag=False)
     gan_spectral_norm: bool = setting(False, "spectral normalisation of every layer of the GAN's and cGAN's D (in "
-                                             "place of its batch norm)", "models")
+                                             "place of its batch norm)", "models", before=False)
     gan_ema: float = setting(0.0, "decay of the average of G's weights that the GAN and cGAN sample with (0 = "
-                                  "off: G itself)", "models")
+                                  "off: G itself)", "models", before=0.0)
     cgan_real_target: float = setting(0.9, "the cGAN's target for real images (one-sided label smoothing)",
                                       "models", flag=False)
     # WGAN-GP
@@ -1216,7 +1218,7 @@ class Config:
     ddpm_ema: float = setting(0.999, "decay of the weight average used for sampling (0 = off)", "models")
     ddpm_min_snr: float = setting(5.0, "min-SNR-gamma loss weighting over timesteps (0 = plain MSE)", "models")
     ddpm_lr_decay: bool = setting(False, "after the warm-up, lower the DDPM's learning rate along a cosine to 0 at "
-                                         "its last step", "models")
+                                         "its last step", "models", before=False)
     ddpm_predict: str = setting("x0", "what the U-Net outputs: x0 (the clean digit, turned into the noise it "
                                       "implies) | eps (the noise, as in the DDPM paper)", "models", before="eps")
     cddpm_p_uncond: float = setting(0.1, "probability that a cDDPM training label is replaced by the null label",
@@ -1275,6 +1277,7 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 NOT_TRAINING_FIELDS = {name for name, f in FIELDS.items() if not f.metadata["train"]}
+BEFORE = {k: f.metadata["before"] for k, f in FIELDS.items() if f.metadata["before"] is not None}  # older code's values
 FLAGS = [name for name, f in FIELDS.items() if f.metadata["flag"]]  # also MNIST_GEN_<NAME>
 PR_K = 5  # the k of the k-NN manifolds in precision and recall (Kynkaanniemi et al. 2019), section 9
 
@@ -2141,8 +2144,7 @@ def load_checkpoint(path: Path, name: str, cfg: Config, epochs: int) -> dict:
     if not isinstance(state, dict) or state.get("model") != name or "history" not in state:
         raise SetupError(f"{path} is not a training checkpoint of {name} from this notebook: {fix}")
     # a setting added after the checkpoint was made counts as the value the code behaved as before it existed
-    older = {k: f.metadata["before"] for k, f in FIELDS.items() if f.metadata["before"] is not None}
-    saved, now = {**dataclasses.asdict(Config()), **older, **state["config"]}, dataclasses.asdict(cfg)
+    saved, now = {**dataclasses.asdict(Config()), **BEFORE, **state["config"]}, dataclasses.asdict(cfg)
     changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
                if k not in NOT_TRAINING_FIELDS and saved[k] != now[k] and trains(k, name)]
     if changed:
@@ -3197,8 +3199,10 @@ def evaluator_section(ctx):
 #
 # * **memorisation**: the pixel distance (Euclidean, 0-1 scale) from each sample to its nearest training
 #   digit, against the same distance for real test digits, which no model saw. A sample closer to the
-#   training set than 99% of test digits are is a *near copy*; a model that does not copy has about 1%
-#   of them, one that copies its training digits close to 100%.
+#   training set than 99% of the test digits of its class (as the evaluator reads both) are is a *near
+#   copy*; a model that does not copy has about 1% of them, one that copies its training digits close to
+#   100%. Per class, because a thin digit has few ink pixels: its distances are small, and one threshold
+#   for all digits would flag only 1s, real ones included.
 #
 # Every number of a set of samples comes with a **95% range**: FID, Inception Score, precision and
 # recall as the value ± 1.96 standard deviations over `bootstrap` resamples of the samples and of the
@@ -3456,7 +3460,7 @@ def control_phrase(c: dict, thing: str = "digit") -> str:
     return f"one attempt yields the chosen {thing} {100 * c['hit_rate']:.1f}% ({c['method']}; {attempts})"
 
 
-COPY_QUANTILE = 0.01  # a near copy is closer to the training set than this share of real test digits are
+COPY_QUANTILE = 0.01  # a near copy is closer to the training set than this share of real test digits of its class
 
 
 def pixel_pool(images_uint8: torch.Tensor) -> tuple:
@@ -3488,24 +3492,38 @@ def nearest_distances(queries_uint8, pool: tuple) -> tuple:
     return torch.cat(dists).double().numpy(), torch.cat(index).numpy()
 
 
-def real_nearest(ctx: Run) -> dict:
+def real_nearest(ctx: Run, classes) -> dict:
     """How far the reference test digits (no model saw them) lie from their nearest training digits: the
-    median distance, and the near-copy threshold, closer than all but COPY_QUANTILE of them."""
-    distances = nearest_distances(ctx.reference, training_pool(ctx))[0]
-    return {"median_distance": float(np.median(distances)),
-            "threshold": float(np.quantile(distances, COPY_QUANTILE)), "n": len(distances)}
+    median distance, and per class (the evaluator's `classes` of them) the near-copy threshold, closer than
+    all but COPY_QUANTILE of that class. Per class, because a thin digit has few ink pixels: one threshold
+    for all would flag only 1s, the real ones too. A class none of them has gets no threshold (nan)."""
+    distances, classes = nearest_distances(ctx.reference, training_pool(ctx))[0], np.asarray(classes)
+    return {"median_distance": float(np.median(distances)), "n": len(distances),
+            "thresholds": [float(np.quantile(distances[classes == c], COPY_QUANTILE)) if (classes == c).any()
+                           else float("nan") for c in range(10)]}
 
 
-def memorisation(ctx: Run, images, threshold: float, pairs: int = 6) -> dict:
-    """How close the samples come to the training digits: the share of near copies (closer than
-    `threshold`, from real_nearest) with its 95% range, the median distance, and the closest pairs (for the
-    figure)."""
+def memorisation(ctx: Run, images, classes, thresholds: list, pairs: int = 6) -> dict:
+    """How close the samples come to the training digits: the share of near copies (closer than their
+    class's threshold from real_nearest; `classes` the evaluator's) with its 95% range, the median distance,
+    and the closest pairs relative to their class's threshold, [sample, training digit, distance, ratio]
+    (for the figure)."""
     distances, index = nearest_distances(images, training_pool(ctx))
-    share = float((distances < threshold).mean())
-    closest = np.argsort(distances)[:pairs]
+    ratio = distances / np.asarray(thresholds)[np.asarray(classes)]  # below 1: a near copy
+    share = float((ratio < 1).mean())
+    closest = np.argsort(np.nan_to_num(ratio, nan=np.inf))[:pairs]
     return {"near_copy_share": share, "near_copy_range": share_range(share, len(distances)),
             "median_distance": float(np.median(distances)), "n": len(distances),
-            "closest": [[int(i), int(index[i]), float(distances[i])] for i in closest]}
+            "closest": [[int(i), int(index[i]), float(distances[i]), float(ratio[i])] for i in closest]}
+
+
+def feature_metrics(ctx: Run, feats: np.ndarray, seed: int) -> dict:
+    """The classifier-FID of a set of images' features against the reference digits', with its 95% range, and
+    precision and recall with theirs."""
+    fid = frechet_distance(feats, ctx.ref_feats)
+    return {"fid": fid, "fid_range": bootstrap_range(frechet_distance, fid, feats, ctx.ref_feats,
+                                                     draws=ctx.cfg.bootstrap, seed=seed),
+            **precision_recall(ctx.ref_feats, feats, draws=ctx.cfg.bootstrap, seed=seed)}
 
 
 def clarity_metrics(ctx: Run, images, feats: np.ndarray, probs: torch.Tensor, seed: int) -> dict:
@@ -3513,12 +3531,10 @@ def clarity_metrics(ctx: Run, images, feats: np.ndarray, probs: torch.Tensor, se
     reference test digits, each with its 95% range (the test also with faint pixels removed from both sets);
     and the images' sharpness and faint share."""
     cfg = ctx.cfg
-    fid, inception = frechet_distance(feats, ctx.ref_feats), inception_score(probs)
-    return {"fid": fid, "fid_range": bootstrap_range(frechet_distance, fid, feats, ctx.ref_feats,
-                                                     draws=cfg.bootstrap, seed=seed),
+    inception = inception_score(probs)
+    return {**feature_metrics(ctx, feats, seed),
             "inception_score": inception, "inception_score_range": bootstrap_range(
                 inception_score, inception, probs, draws=cfg.bootstrap, seed=seed),
-            **precision_recall(ctx.ref_feats, feats, draws=cfg.bootstrap, seed=seed),
             "two_sample": two_sample_test(ctx.reference, images, cfg, ctx.device, seed),
             "two_sample_without_faint": two_sample_test(without_faint(ctx.reference), without_faint(images), cfg,
                                                         ctx.device, seed),
@@ -3540,7 +3556,7 @@ def measure_real(ctx: Run) -> dict:
     probs = predict(ctx.evaluator, real)
     m = clarity_metrics(ctx, real, real_features(ctx, n), probs, ctx.cfg.seed + 9)
     return {"n": n, "fid_floor": m.pop("fid"), "fid_floor_range": m.pop("fid_range"), **m, **class_stats(probs),
-            "memorisation": real_nearest(ctx)}
+            "memorisation": real_nearest(ctx, predict(ctx.evaluator, ctx.reference).argmax(1).numpy())}
 
 
 def seconds_per_image_at_batch_1(ctx: Run, trained: Trained) -> float:
@@ -3601,11 +3617,8 @@ def prior_sampler_metrics(ctx: Run, model) -> dict:
     """A VAE's other sampler, z ~ N(0, I), measured beside the exported one (the mixture over its training codes):
     classifier-FID with its range, precision and recall, from as many samples and the same seed as the export."""
     images = draw(model, ctx.cfg.n_samples, torch.Generator(ctx.device).manual_seed(model.cfg.seed + 1), PRIOR)
-    feats, seed = features(ctx.evaluator, images), model.cfg.seed + 9
-    fid = frechet_distance(feats, ctx.ref_feats)
-    return {"sampler": model.sampler_note(PRIOR), "fid": fid,
-            "fid_range": bootstrap_range(frechet_distance, fid, feats, ctx.ref_feats, draws=ctx.cfg.bootstrap, seed=seed),
-            **precision_recall(ctx.ref_feats, feats, draws=ctx.cfg.bootstrap, seed=seed),
+    return {"sampler": model.sampler_note(PRIOR), **feature_metrics(ctx, features(ctx.evaluator, images),
+                                                                    model.cfg.seed + 9),
             "faint_share": faint_share(images)}
 
 
@@ -3628,7 +3641,8 @@ def measure_model(ctx: Run, trained: Trained) -> dict:
         "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}, "epoch_loss": hist.epoch,
         "probe_seconds": hist.paused, **trained.extras}
     entry.update(sample_metrics(ctx, model, trained.samples, trained.asked))
-    entry["memorisation"] = memorisation(ctx, trained.samples, ctx.results["real_test"]["memorisation"]["threshold"])
+    entry["memorisation"] = memorisation(ctx, trained.samples, predict(ctx.evaluator, trained.samples).argmax(1).numpy(),
+                                         ctx.results["real_test"]["memorisation"]["thresholds"])
     if hasattr(model, "codes"):
         if f"{name}_reconstructions" not in ctx.arrays:  # drawn by its section 7 cell, unless it trained elsewhere
             ctx.arrays[f"{name}_reconstructions"] = reconstructions(ctx, model)
@@ -4000,9 +4014,9 @@ def plot_clarity_ranges(models: dict, real: dict, path: Path):
     show(fig, path)
 
 
-def plot_memorisation(models: dict, threshold: float, samples: dict, train_uint8, path: Path):
-    """Per model, its samples closest to a training digit (top) above that training digit (below), with the
-    pixel distance: a near copy looks the same twice."""
+def plot_memorisation(models: dict, samples: dict, train_uint8, path: Path):
+    """Per model, its samples closest to a training digit for their class (top) above that training digit
+    (below), with the pixel distance and its ratio to the class's threshold: a near copy looks the same twice."""
     rows = [(name, m["memorisation"]["closest"]) for name, m in models.items()]
     cols = max(len(closest) for _, closest in rows)
     fig, axes = plt.subplots(2 * len(rows), cols, figsize=(1.2 * cols, 2.5 * len(rows)), squeeze=False)
@@ -4011,12 +4025,12 @@ def plot_memorisation(models: dict, threshold: float, samples: dict, train_uint8
             for k, ax in enumerate((axes[2 * r, c], axes[2 * r + 1, c])):
                 ax.axis("off")
                 if c < len(closest):
-                    i, j, d = closest[c]
-                    ax.imshow(samples[name][i] if k == 0 else train_uint8[j].cpu().numpy(), cmap="gray", vmin=0,
-                              vmax=255)
-                    ax.set_title(f"{title(name)} {d:.2f}" if k == 0 else "nearest train", fontsize=7)
-    fig.suptitle(f"The samples closest to a training digit, and that digit (near copy: distance below "
-                 f"{threshold:.2f})", fontsize=9)
+                    i, j, d, ratio = closest[c]
+                    ax.imshow(255 - (samples[name][i] if k == 0 else train_uint8[j].cpu().numpy()), cmap="gray",
+                              vmin=0, vmax=255)
+                    ax.set_title(f"{title(name)} {d:.2f} ({ratio:.2f}x)" if k == 0 else "nearest train", fontsize=7)
+    fig.suptitle("The samples closest to a training digit for their class, and that digit: pixel distance "
+                 "(its ratio to the class's near-copy threshold; below 1x a near copy)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # the title just above the first row
     show(fig, path)
 
@@ -4132,7 +4146,7 @@ def draw_figures(ctx: Run):
     plot_clarity_ranges(models, results["real_test"], out / "clarity_ranges.png")
     plot_pixel_values({n: t.samples for n, t in measured.items()}, held_out(ctx, ctx.cfg.n_samples),
                       out / "pixel_values.png")
-    plot_memorisation(models, results["real_test"]["memorisation"]["threshold"],
+    plot_memorisation(models,
                       {n: t.samples for n, t in measured.items()}, ctx.train[0], out / "memorisation.png")
     plot_control({n: m["control"] for n, m in models.items()}, out / "controllability.png", classes)
     plot_scores_3d(results["scores"], out / "scores_3d.png")
@@ -4247,7 +4261,8 @@ def disagreement(m: dict, by_fid: list) -> str:
 def faint_text(m: dict, real: dict, thing: str) -> str:
     """What the detector says once the faint pixels (1 to FAINT grey levels) are 0 in both sets."""
     hazy = max(m, key=lambda n: m[n]["faint_share"])
-    return (f" Faint pixels (1 to {FAINT} grey levels of 255, invisible on a screen) are "
+    return (f" Faint pixels (1 to {FAINT} grey levels of 255: too dark to see one by one, a grey haze on a "
+            "black background where there are many) are "
             f"{100 * real['faint_share']:.1f}% of real {thing}s' pixels and "
             + ", ".join(f"{title(n)} {100 * m[n]['faint_share']:.1f}%" for n in sorted(m, key=lambda n: m[n]["faint_share"]))
             + f" of the samples'. With them set to 0 in both sets the detector is right on "
@@ -4415,10 +4430,29 @@ def profile_comparison_markdown(results: dict) -> list:
     return ["## What changes against another run", "",
             f"This run's conclusions beside those of `{other_dir}` (profile `{other['config']['profile']}`, code "
             f"{other['environment'].get('code_commit', 'unknown')}), for the models both trained. Epochs here: "
-            f"{epochs(results)}; there: {epochs(other)}. Each conclusion is read off the numbers above, without "
-            "their ranges: where two models lie within noise (see the analysis), the order between them is not "
-            "a finding in either run.", "",
+            f"{epochs(results)}; there: {epochs(other)}. {run_differences(results, other)} Each conclusion is "
+            "read off the numbers above, without their ranges: where two models lie within noise (see the "
+            "analysis), the order between them is not a finding in either run.", "",
             markdown_table(pd.DataFrame.from_dict(rows, orient="index")), ""]
+
+
+PLACES = {"data_root", "out", "drive", "resume", "pretrained", "compare_run", "progress", "epochs"}  # not causes
+ENVIRONMENT_CAUSES = ("device", "autocast", "cpu_amx", "threads", "torch")
+
+
+def run_differences(results: dict, other: dict) -> str:
+    """What differs between two runs and may explain a changed conclusion: the settings both runs know
+    (a setting newer than the other run counts as what its code did before it), the settings the other run's
+    code did not have, and the machine's precision and device."""
+    here, there = results["config"], {**BEFORE, **other["config"]}
+    changed = [f"{k} {there[k]} there, {here[k]} here" for k in here
+               if k in there and k not in PLACES and here[k] != there[k]]
+    new = [f"{k} {here[k]}" for k in here if k not in there and k not in PLACES]
+    env = [f"{k} {other['environment'].get(k)} there, {results['environment'].get(k)} here"
+           for k in ENVIRONMENT_CAUSES if other["environment"].get(k) != results["environment"].get(k)]
+    return " ".join([f"Settings that differ: {'; '.join(changed)}." if changed else "No shared setting differs.",
+                     f"Settings the other run's code did not have: {'; '.join(new)}." if new else "",
+                     f"The machine differs: {'; '.join(env)}." if env else "The same device and precision."]).strip()
 
 
 def stability_text(results: dict) -> str:
@@ -4464,10 +4498,15 @@ def stability_text(results: dict) -> str:
 def memorisation_text(results: dict) -> str:
     m, real, thing = results["models"], results["real_test"]["memorisation"], noun(results)
     by_share = sorted(m, key=lambda n: m[n]["memorisation"]["near_copy_share"])
+    classes, known = DATASETS[results["config"]["dataset"]]["classes"], \
+        [(t, c) for c, t in enumerate(real["thresholds"]) if np.isfinite(t)]
+    (low, c_low), (high, c_high) = min(known), max(known)
     return (f"The nearest training {thing} of every sample, in pixels: a near copy is closer to the training set "
-            f"than {100 * (1 - COPY_QUANTILE):.0f}% of real test {thing}s are (distance below "
-            f"{real['threshold']:.2f}), so a model that does not copy has about {100 * COPY_QUANTILE:.0f}% of "
-            "them. Near copies: " + ", ".join(
+            f"than {100 * (1 - COPY_QUANTILE):.0f}% of real test {thing}s of its class (the evaluator's) are, so a "
+            f"model that does not copy has about {100 * COPY_QUANTILE:.0f}% of them. The thresholds run from "
+            f"{low:.2f} ({classes[c_low]}) to {high:.2f} ({classes[c_high]}): a thin {thing} has few ink pixels and "
+            f"lies close to its neighbours, so one threshold for all would flag only the thinnest class. "
+            "Near copies: " + ", ".join(
                 f"{title(n)} {100 * m[n]['memorisation']['near_copy_share']:.1f}% "
                 f"({span(m[n]['memorisation']['near_copy_range'], 1, 100)})" for n in by_share)
             + ". Median distance to the nearest training " + thing + ": " + ", ".join(

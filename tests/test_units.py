@@ -314,21 +314,48 @@ def test_bootstrap_range_covers_a_second_draw(nb):
 def test_memorisation_flags_copies_of_training_digits(nb):
     from conftest import fake_digits
 
-    train, test = torch.as_tensor(fake_digits(500, seed=5)[0]), fake_digits(200, seed=6)[0]
+    (train, train_y), (test, test_y) = fake_digits(500, seed=5), fake_digits(2000, seed=6)  # 200 per class
+    train = torch.as_tensor(train)
     ctx = nb.Run(nb.Config())
     ctx.train = (train, None)
     ctx.reference = torch.as_tensor(test)
-    real = nb.real_nearest(ctx)
-    assert real["n"] == 200 and 0 < real["threshold"] < real["median_distance"]
+    real = nb.real_nearest(ctx, test_y)
+    assert real["n"] == 2000 and all(0 < t < real["median_distance"] for t in real["thresholds"])
     distances, index = nb.nearest_distances(train[:3].numpy(), nb.training_pool(ctx))
     assert np.allclose(distances, 0, atol=1e-3) and index.tolist() == [0, 1, 2]
-    threshold = real["threshold"]
-    copies = nb.memorisation(ctx, train[100:300].numpy(), threshold)  # 200 exact copies
-    assert copies["near_copy_share"] == 1.0 and copies["closest"][0][2] < 1e-3
-    fresh = nb.memorisation(ctx, fake_digits(200, seed=7)[0], threshold)  # new draws, as a model that does not copy
+    thresholds = real["thresholds"]
+    copies = nb.memorisation(ctx, train[100:300].numpy(), train_y[100:300], thresholds)  # 200 exact copies
+    assert copies["near_copy_share"] == 1.0 and copies["closest"][0][2] < 1e-3 and copies["closest"][0][3] < 1e-3
+    new_x, new_y = fake_digits(200, seed=7)  # new draws, as a model that does not copy
+    fresh = nb.memorisation(ctx, new_x, new_y, thresholds)
     assert fresh["near_copy_share"] < 0.05 and fresh["near_copy_range"][0] <= nb.COPY_QUANTILE
-    half = nb.memorisation(ctx, np.concatenate([train[:100].numpy(), fake_digits(100, seed=8)[0]]), threshold)
+    more_x, more_y = fake_digits(100, seed=8)
+    half = nb.memorisation(ctx, np.concatenate([train[:100].numpy(), more_x]), np.concatenate([train_y[:100], more_y]),
+                           thresholds)
     assert 0.45 <= half["near_copy_share"] <= 0.55 and len(half["closest"]) == 6
+
+
+def test_near_copies_are_judged_against_their_own_class(nb):
+    """A thin class lies closer to its neighbours than a thick one: with one threshold for all, every near copy
+    would be thin. Per class, a fresh thick digit as close as a real thin one is no near copy, and a class no
+    real digit has flags nothing."""
+    rng = np.random.default_rng(0)
+    train = torch.zeros(40, 28, 28, dtype=torch.uint8)
+    train[:20, :, 13] = 255  # class 0: a one-pixel bar ("1")
+    train[20:, 4:24, 4:24] = 255  # class 1: a thick square
+    ctx = nb.Run(nb.Config())
+    ctx.train = (train, None)
+    reference = train.clone()
+    reference[:20, rng.integers(0, 28, 20), 14] = 255  # one extra pixel each: close to a bar
+    reference[20:, 4:10, 4:24] = 0  # a third of the square gone: far from any square
+    ctx.reference = reference
+    real = nb.real_nearest(ctx, np.repeat([0, 1], 20))
+    assert real["thresholds"][0] < real["thresholds"][1] and all(np.isnan(real["thresholds"][2:]))
+    thick = train[20:22].clone()
+    thick[:, 4, 4] = 0  # one pixel off a square: far closer than the real squares, a near copy of its class
+    m = nb.memorisation(ctx, thick.numpy(), np.array([1, 1]), real["thresholds"])
+    assert m["near_copy_share"] == 1.0
+    assert nb.memorisation(ctx, thick.numpy(), np.array([5, 5]), real["thresholds"])["near_copy_share"] == 0.0
 
 
 def test_two_sample_test_sees_real_against_real_as_chance_and_a_shift_at_once(nb):
@@ -765,6 +792,22 @@ def test_the_report_says_which_conclusions_another_run_changes(nb, tmp_path):
     assert rows["most stable (stability score)"][2] == "no"
     assert nb.profile_comparison_markdown(run("cpu", (1, 2, 3), (0.5, 0.5, 0.5))) == []
 
+
+def test_the_comparison_names_the_settings_and_machine_that_differ(nb):
+    """A changed conclusion needs its candidate causes: shared settings that differ (a setting newer than the
+    other run counts as its `before` value, so it differs only when it changed the behaviour), settings the
+    other run's code did not have, and the device and precision."""
+    here = {"config": {"profile": "cpu", "out": "a", "vae_lr": 1e-3, "ddpm_predict": "x0", "gan_ema": 0.0,
+                       "wgan_clip": 0.01},
+            "environment": {"device": "cpu", "autocast": "bfloat16", "torch": "2.4"}}
+    there = {"config": {"profile": "cpu", "out": "b", "vae_lr": 2e-3},
+             "environment": {"device": "cpu", "autocast": "None", "torch": "2.4"}}
+    said = nb.run_differences(here, there)
+    assert "vae_lr 0.002 there, 0.001 here" in said and "ddpm_predict eps there, x0 here" in said
+    assert "gan_ema" not in said and "out " not in said  # the same behaviour as before it existed; a place
+    assert "did not have: wgan_clip 0.01" in said and "autocast None there, bfloat16 here" in said
+    same = nb.run_differences(here, here)
+    assert same.startswith("No shared setting differs.") and same.endswith("The same device and precision.")
 
 class Oracle(torch.nn.Module):
     """A 'network' that knows the clean digit x0: it returns the exact noise of x_t (predicts="eps") or x0 itself
