@@ -43,8 +43,8 @@
 #      [VAE](#train-vae), [GAN](#train-gan), [cGAN](#train-cgan), [DDPM](#train-ddpm): losses, samples, and
 #      pictures of how each one works and how it learned
 # * **Part B, [the comparison](#comparison)**: 8. the evaluator, 9. [measuring](#measuring), 10.
-# [scores](#scores),
-#   11. [figures](#figures), 12. [the written report](#report), 13. [the assignment checklist](#checklist),
+#   [scores](#scores), 11. [figures](#figures), 12. [the written report](#report) and
+#   [why each model behaves as it does](#discussion), 13. [the assignment checklist](#checklist),
 #   14. [play with what was trained](#play)
 # * **Part C, [the appendix](#appendix)** (sections C1-C9), all opt in: WGAN-GP and a class-conditional DDPM,
 #   studies of samplers, sizes, seeds and the DDPM's design, the slower public DDPM design, and a benchmark.
@@ -59,10 +59,10 @@
 # `metrics.csv` and `metrics.json`, `results.json`, and a written `REPORT.md`.
 
 # %% tags=["parameters"]
-# @title Settings { display-mode: "form" }
-# The settings a student changes. Empty (or 0, or unticked) leaves the choice to the profile.
-# Precedence, lowest first: the profile's defaults < this cell < MNIST_GEN_* environment variables
-# < command-line flags (script only). Every other setting: section 1, or `--help`.
+# Settings: the ones a student changes (Colab shows them as a form beside this code). Empty (or 0, or
+# unticked) leaves the choice to the profile. Precedence, lowest first: the profile's defaults < this cell
+# < MNIST_GEN_* environment variables < command-line flags (script only). Every other setting: `Config`
+# (section 6.2), or `--help`.
 profile = ""  # @param ["", "smoke", "cpu", "full"] {allow-input: true}
 models = ""  # @param {type:"string"}
 epochs = 0  # @param {type:"integer"}
@@ -73,7 +73,7 @@ drive = ""  # @param {type:"string"}
 resume = False  # @param {type:"boolean"}
 
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title Imports and constants { display-mode: "form" }
 import argparse
 import copy
@@ -244,12 +244,16 @@ class VAE(nn.Module):
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # z = mu + sigma * eps
         return self.decode_logits(z), mu, logvar
 
+    def draw_codes(self, n: int, gen: torch.Generator, device, mixture: dict | None = None) -> torch.Tensor:
+        """z from the prior N(0, I), or from a Gaussian mixture fitted to the training codes."""
+        return torch.randn(n, self.latent, generator=gen, device=device) if mixture is None else \
+            sample_mixture(mixture, n, gen)
+
     @torch.inference_mode()
-    def sample(self, n: int, gen: torch.Generator, device, mixture: dict | None = None) -> torch.Tensor:
-        """Decoded codes from the prior z ~ N(0, I), or from a Gaussian mixture fitted to the training codes."""
-        z = (torch.randn(n, self.latent, generator=gen, device=device) if mixture is None
-             else sample_mixture(mixture, n, gen))
-        return torch.sigmoid(self.decode_logits(z))  # in [0, 1]
+    def sample(self, n: int, gen: torch.Generator, device, mixture: dict | None = None, z=None) -> torch.Tensor:
+        """Decoded codes z (drawn by draw_codes unless given), in [0, 1]."""
+        z = self.draw_codes(n, gen, device, mixture) if z is None else z
+        return torch.sigmoid(self.decode_logits(z))
 
 
 def vae_loss(x_hat_logits, x, mu, logvar):
@@ -343,8 +347,16 @@ class VAETrainer:
         asked with the PRIOR sampler."""
         return None if sampler is not None and sampler.kind == "prior" else self.mixture
 
-    def sample(self, n, gen, labels=None, sampler=None, progress=False):
-        return self.model.sample(n, gen, self.device, self.density(sampler))
+    def sample(self, n, gen, labels=None, sampler=None, progress=False, noise=None):
+        return self.model.sample(n, gen, self.device, self.density(sampler), noise)
+
+    def noise(self, n, gen) -> torch.Tensor:
+        """What its samples start from: codes z from its density."""
+        return self.model.draw_codes(n, gen, self.device, self.density())
+
+    @property
+    def gaussian_noise(self) -> bool:  # codes from the mixture are not N(0, I): a path between them is straight
+        return self.mixture is None
 
     def sampler_note(self, sampler) -> str:
         if self.density(sampler) is None:
@@ -482,6 +494,7 @@ class GANTrainer:
     """DCGAN generator G and discriminator D with their optimizers. A conditional entry (the cGAN, section 4)
     gives both players the label, and D's real target is cgan_real_target."""
     losses, fmt, signed, uses_sampler = ("G", "D", "D_real", "D_fake"), ".2f", True, False
+    gaussian_noise = True  # its noise is N(0, I): a path between two noises follows an arc (slerp)
 
     def __init__(self, name: str, cfg: "Config", device):
         self.name, self.cfg, self.device = name, cfg, device
@@ -527,8 +540,12 @@ class GANTrainer:
         """The generator that samples: G's weight average when gan_ema > 0."""
         return self.ema.model if self.ema else self.G
 
-    def sample(self, n, gen, labels=None, sampler=None, progress=False):
-        z = torch.randn(n, self.cfg.gan_noise, generator=gen, device=self.device)
+    def noise(self, n, gen) -> torch.Tensor:
+        """What its samples start from: z ~ N(0, I) of gan_noise numbers."""
+        return torch.randn(n, self.cfg.gan_noise, generator=gen, device=self.device)
+
+    def sample(self, n, gen, labels=None, sampler=None, progress=False, noise=None):
+        z = self.noise(n, gen) if noise is None else noise
         return self.generator(z, one_hot(labels) if self.conditional else None)
 
     def sampler_note(self, sampler) -> str:
@@ -936,6 +953,7 @@ class DDPMTrainer:
     """The U-Net, Adam with linear warm-up, the EMA copy used for sampling, and the noise schedule.
     A conditional entry (the cDDPM, section C2) feeds the labels in, dropped with p_uncond."""
     losses, fmt, signed, uses_sampler = ("loss", "mse"), ".4f", True, True  # loss: weighted; mse: plain
+    gaussian_noise = True  # its noise is N(0, I): a path between two noises follows an arc (slerp)
 
     def __init__(self, name: str, cfg: "Config", device):
         self.name, self.cfg, self.device = name, cfg, device
@@ -986,13 +1004,19 @@ class DDPMTrainer:
         """The network that samples: the EMA weights when ddpm_ema > 0."""
         return self.ema.model if self.ema else self.model
 
-    def sample(self, n, gen, labels=None, sampler=None, progress=False):
+    def noise(self, n, gen) -> torch.Tensor:
+        """What its samples start from: x_T ~ N(0, I), an image of pure noise."""
+        return torch.randn(n, 1, 28, 28, generator=gen, device=self.device)
+
+    def sample(self, n, gen, labels=None, sampler=None, progress=False, noise=None):
         sampler = sampler or Sampler(self.cfg.sampler, self.cfg.ddim_steps, eta=self.cfg.ddim_eta)
         w = self.cfg.cddpm_guidance if sampler.guidance is None else sampler.guidance
         y = labels if self.conditional else None
         if sampler.kind == "ancestral":
+            assert noise is None, "the ancestral sampler draws its own x_T"
             return sample_ancestral(self.net, self.sched, n, gen, self.device, progress, y, w)
-        return sample_ddim(self.net, self.sched, n, gen, self.device, sampler.steps, progress, y, w, sampler.eta)
+        return sample_ddim(self.net, self.sched, n, gen, self.device, sampler.steps, progress, y, w, sampler.eta,
+                           x_T=noise)
 
     def sampler_note(self, sampler) -> str:
         label = (f"DDIM, {sampler.steps} steps" + (f", eta {sampler.eta:g}" if sampler.eta else "")
@@ -1034,7 +1058,7 @@ class DDPMTrainer:
 # A diffusion model draws with a **sampler**, a value passed where it is used: its kind (`ddim` or
 # `ancestral`), its number of network passes, and for a conditional model a guidance weight.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title The table of models { display-mode: "form" }
 @dataclass(frozen=True)
 class ModelSpec:
@@ -1051,19 +1075,24 @@ class ModelSpec:
     parts_title: str = ""  # the title of that panel
     parts_line: float | None = None  # a reference line in that panel
     reads: tuple = ()  # the prefixes of the "models" settings it trains with (a checkpoint compares only those)
+    units: str = ""  # the y-axis label of its loss curves
+    parts_units: str = ""  # the y-axis label of its `parts` panel (default: units)
 
     def figure(self, name: str) -> str:
         """The assignment's sample figure of this model."""
         return f"{name}_grid.png" if self.conditional else f"{name}_samples.png"
 
 
-D_PARTS = dict(parts=("D_real", "D_fake"), parts_line=0.5,
-               parts_title="D's mean output on real and on fake images (equilibrium: 0.5)")
-DIFFUSION_PARTS = dict(parts=("loss", "mse"), parts_title="weighted loss (optimised) and plain MSE of the same draws")
+D_PARTS = dict(parts=("D_real", "D_fake"), parts_line=0.5, units="binary cross-entropy (nats per image)",
+               parts_title="D's mean output on real and on fake images (equilibrium: 0.5)",
+               parts_units="D(x), the probability D gives 'real'")
+DIFFUSION_PARTS = dict(parts=("loss", "mse"), parts_title="weighted loss (optimised) and plain MSE of the same draws",
+                       units="squared error per pixel of the noise (noise variance 1)")
+CRITIC_UNITS = "critic units (no fixed scale)"
 MODELS = {
     "vae": ModelSpec("VAE", "VAETrainer", dict(smoke=1, cpu=10, full=30), "tab:blue", ("loss",),
                      parts=("bce", "kl"), parts_title="the loss's two terms (loss = -ELBO = BCE + KL)",
-                     reads=("vae_",)),
+                     reads=("vae_",), units="nats per image (summed over its 784 pixels)"),
     "gan": ModelSpec("GAN", "GANTrainer", dict(smoke=1, cpu=3, full=30), "tab:orange", ("G", "D"), **D_PARTS,
                      reads=("gan_",)),
     "cgan": ModelSpec("cGAN", "GANTrainer", dict(smoke=1, cpu=8, full=30), "tab:green", ("G", "D"),
@@ -1071,10 +1100,11 @@ MODELS = {
     "ddpm": ModelSpec("DDPM", "DDPMTrainer", dict(smoke=1, cpu=5, full=30), "tab:red", ("loss",),
                       log_curves=True, **DIFFUSION_PARTS, reads=("ddpm_",)),
     "wgan": ModelSpec("WGAN-GP", "WGANTrainer", dict(smoke=1, cpu=4, full=30), "tab:purple", ("W", "G"),
-                      default=False, trends={"W": "Wasserstein estimate E[C(x)] - E[C(G(z))]"}, reads=("gan_", "wgan_")),
+                      default=False, trends={"W": "Wasserstein estimate E[C(x)] - E[C(G(z))]"}, reads=("gan_", "wgan_"),
+                      units=CRITIC_UNITS),
     "wganclip": ModelSpec("WGAN (clip)", "WGANClipTrainer", dict(smoke=1, cpu=4, full=30), "tab:pink", ("W", "G"),
                           default=False, trends={"W": "the clipped critic's estimate E[C(x)] - E[C(G(z))]"},
-                          reads=("gan_", "wgan_")),
+                          reads=("gan_", "wgan_"), units=CRITIC_UNITS),
     "cddpm": ModelSpec("cDDPM", "DDPMTrainer", dict(smoke=1, cpu=6, full=30), "tab:brown", ("loss",),
                        conditional=True, default=False, log_curves=True, **DIFFUSION_PARTS, reads=("ddpm_", "cddpm_")),
 }
@@ -1109,7 +1139,7 @@ PRIOR = Sampler("prior")  # the VAE drawing its codes from N(0, I), not from the
 # (`--epochs 5`) override it, and bad values stop the run before any work, with a message that says
 # what to change. The profiles' numbers are printed by `--help` and by the first cell that runs.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title The Config class: every setting, with its help, group and profile values { display-mode: "form" }
 def setting(default, help: str, group: str, *, train: bool = True, flag: bool = True,
             profiles: dict | None = None, parse=None, before=None):
@@ -1432,7 +1462,7 @@ def validate(cfg: Config) -> None:
 # once on its `Run` when the cell is reached. The script twin runs the same cells top to bottom;
 # `run(ctx)` replays them all in order (the tests use it).
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title The run context and its stages { display-mode: "form" }
 @dataclass
 class Trained:
@@ -1501,6 +1531,18 @@ def stage(fn):
     return timed
 
 
+def shows(name: str):
+    """A stage that shows more of model `name` once its section trained (or loaded) it: fn(ctx, trained)
+    runs only then."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def body(ctx):
+            trained = ctx.models.get(name)
+            return fn(ctx, trained) if trained else None
+        return stage(body)
+    return wrap
+
+
 def run(ctx: Run) -> Run:
     """Run every stage of the notebook, in order, on `ctx` (as Run all does, cell by cell)."""
     for fn in STAGES:
@@ -1519,7 +1561,7 @@ def script_error(kind, err, tb):
     raise SystemExit(2)
 
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title This run's configuration (settings cell, environment, flags) { display-mode: "form" }
 if RUN:
     if not IN_KERNEL:
@@ -1533,7 +1575,7 @@ if RUN:
 # %% [markdown]
 # ### 6.4 Helpers: device, precision, seeds, progress bars, files
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title Helpers: device, precision, seeds, progress bars, files { display-mode: "form" }
 def pick_device(cfg: Config) -> torch.device:
     if cfg.device == "auto":
@@ -1689,7 +1731,7 @@ def code_commit() -> str:
 # batch. This avoids per-image PIL transforms, which on a 2-core CPU cost more than training the VAE
 # (the benchmark, section C8, times both).
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title Loading MNIST and cutting batches; the run's first stage { display-mode: "form" }
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -1833,7 +1875,7 @@ def start(ctx):
 # CPU it ends with exactly the weights an uninterrupted run would have; a finished model is loaded,
 # not retrained. A loss that turns NaN or infinite stops that model; the run records it and goes on.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title The training loop, its history and its checkpoints { display-mode: "form" }
 class LossScaler:
     """fp16 gradients can underflow to zero: scale the loss up before backward and the gradients back
@@ -1900,6 +1942,7 @@ class History:
         self.epoch = {n: [] for n in names}
         self.seconds, self._start, self._mark, self._pending = 0.0, time.perf_counter(), 0, []
         self.paused = 0.0  # seconds spent drawing the per-epoch samples, not counted as training
+        self.paused_before = 0.0  # the same, in the runs its checkpoint continues (None: not recorded then)
         self.probes = []  # per epoch: the samples drawn after it (uint8 [n, 28, 28])
         self.epoch_seconds = []  # per epoch: the training seconds so far at its end
         self.peak_memory_mb, self.memory_kind, self.memory_parts = None, None, None
@@ -1938,9 +1981,14 @@ class History:
     def epochs_done(self) -> int:
         return len(self.epoch[self.names[0]])
 
+    @property
+    def probe_seconds(self) -> float | None:
+        """Seconds of per-epoch samples over every run that trained it (None: an older checkpoint's are unknown)."""
+        return None if self.paused_before is None else self.paused_before + self.paused
+
     def as_dict(self):
         return {"epoch": self.epoch, "step": self.step, "train_seconds": self.seconds,
-                "epoch_seconds": self.epoch_seconds,
+                "epoch_seconds": self.epoch_seconds, "probe_seconds": self.probe_seconds,
                 "peak_memory_mb": self.peak_memory_mb, "memory_kind": self.memory_kind,
                 "memory_parts": self.memory_parts}
 
@@ -1956,6 +2004,7 @@ class History:
         self.epoch_seconds = list(saved.get("epoch_seconds") or [float("nan")] * len(self.epoch[self.names[0]]))
         self.seconds, self._mark = saved["train_seconds"], len(self.step[self.names[0]])
         self._start, self.paused = time.perf_counter() - self.seconds, 0.0
+        self.paused_before = saved.get("probe_seconds")
         self.probes = [] if probes is None else list(probes.numpy())
 
 
@@ -2194,7 +2243,7 @@ def n_params(*modules) -> int:
 # a conditional model, `labels` (the class asked for, balanced over the ten). The sampler and its
 # number of network passes are recorded with every output.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title Sampling, export and the figures of a model's section { display-mode: "form" }
 SAMPLE_BATCH = 1000
 
@@ -2210,15 +2259,17 @@ def balanced_labels(n: int) -> torch.Tensor:
 
 
 def draw(model, n: int, gen: torch.Generator, sampler: Sampler | None = None, labels=None,
-         progress: bool = False) -> np.ndarray:
+         progress: bool = False, noise=None) -> np.ndarray:
     """n images as uint8 [n, 28, 28] from a trained model, in batches of SAMPLE_BATCH.
-    labels: the classes asked of a conditional model; sampler: how a diffusion model draws."""
+    labels: the classes asked of a conditional model; sampler: how a diffusion model draws; noise: what
+    each image starts from (model.noise's kind; drawn from gen when not given)."""
     out = []
     for start in range(0, n, SAMPLE_BATCH):
         m = min(SAMPLE_BATCH, n - start)
         y = None if labels is None else labels[start:start + m].to(model.device)
+        z = None if noise is None else noise[start:start + m]
         with torch.inference_mode(), autocast(model.cfg, model.device):
-            out.append(to_uint8(model.sample(m, gen, y, sampler, progress), model.signed))
+            out.append(to_uint8(model.sample(m, gen, y, sampler, progress, noise=z), model.signed))
     return np.concatenate(out)
 
 
@@ -2318,6 +2369,7 @@ def plot_losses(histories: dict, path: Path):
                     "o", label=f"{k} (epoch mean)")
         ax.set_title(spec.title)
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel(spec.units, fontsize=8)
         ax.set_yscale("log" if spec.log_curves else "linear")
         ax.legend(fontsize=7)
     fig.suptitle("Training losses")
@@ -2330,11 +2382,11 @@ def plot_model_losses(name: str, hist: dict, path: Path):
     `parts` (the loss's terms, or what D says), with the spec's reference line. A loss the checkpoint's
     training did not log (NaN) is left out."""
     spec = MODELS[name]
-    panels = [(spec.curves, "losses", None, spec.log_curves)]
+    panels = [(spec.curves, "losses", None, spec.log_curves, spec.units)]
     if spec.parts:
-        panels.append((spec.parts, spec.parts_title, spec.parts_line, spec.log_curves))
+        panels.append((spec.parts, spec.parts_title, spec.parts_line, spec.log_curves, spec.parts_units or spec.units))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.4), squeeze=False)
-    for ax, (keys, panel_title, line, log) in zip(axes[0], panels):
+    for ax, (keys, panel_title, line, log, units) in zip(axes[0], panels):
         for k in keys:
             steps = np.asarray(hist["step"][k], dtype=float)
             if not np.isfinite(steps).any():
@@ -2349,6 +2401,7 @@ def plot_model_losses(name: str, hist: dict, path: Path):
             ax.axhline(line, color="grey", ls="--", lw=1, label=f"{line:g}")
         ax.set_title(f"{spec.title}: {panel_title}", fontsize=10)
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel(units, fontsize=8)
         ax.set_yscale("log" if log else "linear")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -2408,7 +2461,7 @@ def watch_training(ctx: Run, trained: Trained):
 # the remaining time from the measured epoch. The end of the run prints the estimate beside the actual
 # time; both go into `results.json` and `REPORT.md`.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title The two networks the measurements of Part B train (defined here, so the run's estimate can time them) { display-mode: "form" }
 class Evaluator(nn.Module):
     """A small CNN digit classifier; `features` is its 128-d penultimate layer phi(x)."""
@@ -2463,7 +2516,7 @@ class Detector(nn.Module):
         return self.net(x).squeeze(1)
 
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title Time estimates { display-mode: "form" }
 def random_batch(data, cfg: Config, gen: torch.Generator):
     idx = torch.randint(0, len(data[0]), (cfg.batch_size,), generator=gen).to(data[0].device)
@@ -2588,12 +2641,19 @@ def whole_run_estimate(ctx: Run) -> dict:
             "left_out": left_out + "".join(f", {MODELS[n].title}" for n in later)}
 
 
-def announce_whole_run(ctx: Run, est: dict):
-    parts = [f"{MODELS[n].title} {minutes(s)}" for n, s in est["models"].items()]
+def estimate_parts(est: dict) -> str:
+    """The whole run's estimate, part by part: the models that train, those only loaded, the evaluator, the
+    detectors, and what is not counted."""
+    loaded = [MODELS[n].title for n, s in est["models"].items() if s <= 0]
+    parts = [f"{MODELS[n].title} {minutes(s)}" for n, s in est["models"].items() if s > 0]
+    parts += [f"{', '.join(loaded)} loaded from checkpoints, nothing to train"] if loaded else []
     parts += [f"evaluator {minutes(est['evaluator'])}" if est["evaluator"] else "evaluator reused",
               f"two-sample detectors {minutes(est['detectors'])}"]
-    print(f"time estimate for the whole run on this machine: about {minutes(est['total'])} "
-          f"({', '.join(parts)}; not counted: {est['left_out']})")
+    return f"{', '.join(parts)}; not counted: {est['left_out']}"
+
+
+def announce_whole_run(ctx: Run, est: dict):
+    print(f"time estimate for the whole run on this machine: about {minutes(est['total'])} ({estimate_parts(est)})")
 
 
 # %% [markdown]
@@ -2603,7 +2663,7 @@ def announce_whole_run(ctx: Run, est: dict):
 # load it), export its samples, then show its loss curves and its assignment figure. A model whose
 # loss turns non-finite is recorded, and the run goes on without it.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title train_section: train, export, show { display-mode: "form" }
 def previews(ctx: Run, model, spec: ModelSpec) -> bool:
     """A diffusion model exported with DDIM also draws ancestral_preview images with the paper's sampler."""
@@ -2613,7 +2673,7 @@ def previews(ctx: Run, model, spec: ModelSpec) -> bool:
 
 def sample_figures(ctx: Run, trained: Trained):
     """The model's assignment figure: ten random samples, or for a conditional model a 10x10 grid whose
-    row k asks for class k; for a diffusion model exported with DDIM, a few with the T-step sampler too."""
+    row k asks for class k."""
     name, spec, model, cfg = trained.name, trained.spec, trained.model, ctx.cfg
     note = model.sampler_note(ctx.export_sampler)
     if spec.conditional:
@@ -2625,12 +2685,17 @@ def sample_figures(ctx: Run, trained: Trained):
                         DATASETS[cfg.dataset]["classes"])
     else:
         plot_samples(trained.samples, f"{spec.title}: 10 random samples ({note})", ctx.out / spec.figure(name))
-    if previews(ctx, model, spec):
+
+
+def ancestral_preview(ctx: Run, trained: Trained):
+    """A diffusion model's few samples from the paper's T-step ancestral sampler (same weights), timed."""
+    model, cfg = trained.model, ctx.cfg
+    if previews(ctx, model, trained.spec):
         ancestral = Sampler("ancestral", cfg.ddpm_T)
         preview, trained.extras["ancestral_preview_seconds_per_image"] = timed_draw(
             model, cfg.ancestral_preview, cfg.seed + 2, ancestral, progress=True)
-        plot_samples(preview, f"{spec.title}: {cfg.ancestral_preview} samples, {model.sampler_note(ancestral)} "
-                     "(same weights)", ctx.out / f"{name}_samples_ancestral.png")
+        plot_samples(preview, f"{trained.spec.title}: {cfg.ancestral_preview} samples, "
+                     f"{model.sampler_note(ancestral)} (same weights)", ctx.out / f"{trained.name}_samples_ancestral.png")
 
 
 def train_section(ctx: Run, name: str):
@@ -2704,10 +2769,21 @@ def data_section(ctx):
 # <a id="train-vae"></a>
 # ### 7.2 Training the VAE (defined in [section 2](#vae))
 #
-# Its loss and the loss's two terms, ten samples, reconstructions and interpolations, a walk through its
-# latent space, its samples from the same codes after every epoch (drawn from the prior: the mixture is
-# fitted once training ends), and where its samples' codes lie: from the prior, from training digits and from
-# the mixture (`vae_samplers.png`).
+# Its loss and the loss's two terms, ten samples, and its samples from the same codes after every epoch
+# (drawn from the prior: the mixture is fitted once training ends).
+
+# %%
+@stage
+def vae_section(ctx):
+    """Train the VAE (or resume / load it), export its samples, show its losses, samples and epochs."""
+    train_section(ctx, "vae")
+
+
+# %% [markdown]
+# **How it works.** Test digits beside their reconstructions, with straight lines in code space between
+# pairs of them; a walk along the codes' two leading principal directions; and the test digits' codes
+# coloured by digit (`vae_latent_2d.png`): clusters with gaps between them, which N(0, I) does not know
+# about. Look for smooth changes along each line and walk, and for where the clusters touch.
 
 # %%
 @torch.inference_mode()
@@ -2757,6 +2833,48 @@ def plot_latent_walk(images, n: int, span: float, model_title: str, path: Path):
 
 
 @torch.inference_mode()
+def latent_pca(ctx: Run, model, n: int = 5000) -> dict:
+    """The codes of n test digits on their first three principal components, and the share of the
+    codes' variance each component explains."""
+    mu, y = model.codes(ctx.test[0][:n]).cpu().double().numpy(), ctx.test[1][:n].numpy()
+    centred = mu - mu.mean(0)
+    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    return {"coords": centred @ vt[:3].T, "labels": y, "explained": (sing ** 2 / (sing ** 2).sum())[:3].tolist()}
+
+
+def plot_latent_2d(pca: dict, model_title: str, path: Path, classes):
+    """Codes of test digits on their first two principal components, coloured by digit: the clusters the
+    prior's N(0, I) does not know about, and the gaps between them."""
+    fig, ax = plt.subplots(figsize=(6.5, 5.2))
+    for c, name in enumerate(classes):
+        xy = pca["coords"][pca["labels"] == c, :2]
+        ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.6, color=plt.cm.tab10(c), label=name)
+    ax.set_xlabel(f"PC1 ({100 * pca['explained'][0]:.0f}% of the codes' variance)")
+    ax.set_ylabel(f"PC2 ({100 * pca['explained'][1]:.0f}%)")
+    ax.set_title(f"{model_title} latent space: {len(pca['coords'])} test digits' codes (mu), by digit", fontsize=10)
+    ax.legend(fontsize=7, markerscale=4, ncol=2, loc="best")
+    show(fig, path)
+
+
+@shows("vae")
+def vae_inside(ctx, trained):
+    """The trained VAE's reconstructions and interpolations, its latent walk, and its codes by digit."""
+    model, out = trained.model, ctx.out
+    ctx.arrays["vae_reconstructions"] = rec = reconstructions(ctx, model)
+    plot_reconstructions(rec, trained.spec.title, out / "vae_reconstructions.png")
+    plot_latent_walk(latent_walk(model, ctx.test[0][:5000]), 9, 2.0, trained.spec.title, out / "vae_latent_walk.png")
+    ctx.arrays["vae_latent"] = pca = latent_pca(ctx, model)
+    plot_latent_2d(pca, trained.spec.title, out / "vae_latent_2d.png", DATASETS[ctx.cfg.dataset]["classes"])
+
+
+# %% [markdown]
+# **Where its samples' codes come from** (`vae_samplers.png`): codes from the prior, from training
+# digits' $q(z \mid x)$ and from the mixture fitted to the training codes, each decoded (left) and placed
+# on the training codes' two leading directions (right). The prior's codes spread into the gaps; the
+# mixture's stay where the decoder has been.
+
+# %%
+@torch.inference_mode()
 def code_sources(model, train_uint8, n: int, gen: torch.Generator) -> dict:
     """n codes from each place a VAE can take them: the prior N(0, I); the aggregate posterior, z ~ q(z|x) of
     n random training digits (codes the decoder was trained on); and the mixture fitted to the training codes."""
@@ -2792,24 +2910,11 @@ def plot_code_sources(model, sources: dict, model_title: str, path: Path, shown:
     show(fig, path)
 
 
-def vae_pictures(ctx: Run, trained: Trained):
-    """How the VAE works: reconstructions and straight lines in code space, a 2-D walk through it, and the
-    codes its samples come from."""
-    model, out = trained.model, ctx.out
-    ctx.arrays["vae_reconstructions"] = rec = reconstructions(ctx, model)
-    plot_reconstructions(rec, trained.spec.title, out / "vae_reconstructions.png")
-    plot_latent_walk(latent_walk(model, ctx.test[0][:5000]), 9, 2.0, trained.spec.title, out / "vae_latent_walk.png")
-    sources = code_sources(model, ctx.train[0], 2000, torch.Generator(ctx.device).manual_seed(ctx.cfg.seed + 10))
-    plot_code_sources(model, sources, trained.spec.title, out / "vae_samplers.png")
-
-
-@stage
-def vae_section(ctx):
-    """Train the VAE (or resume / load it), export its samples, show its losses, samples and epochs, then its
-    reconstructions, interpolations and latent walk."""
-    trained = train_section(ctx, "vae")
-    if trained:
-        vae_pictures(ctx, trained)
+@shows("vae")
+def vae_codes(ctx, trained):
+    """Decoded codes from each place a VAE can take them, and where those codes lie."""
+    sources = code_sources(trained.model, ctx.train[0], 2000, torch.Generator(ctx.device).manual_seed(ctx.cfg.seed + 10))
+    plot_code_sources(trained.model, sources, trained.spec.title, ctx.out / "vae_samplers.png")
 
 
 # %% [markdown]
@@ -2828,12 +2933,70 @@ def gan_section(ctx):
 
 
 # %% [markdown]
+# **The trained $D$'s verdicts, image by image** (`gan_d_outputs.png`). The loss figure shows only their
+# means, which can sit near the equilibrium while $D$ is sure of every image: two separate humps, real
+# digits near 1 and samples near 0, mean a $D$ that still tells them apart; one hump at the equilibrium, a
+# $D$ that cannot.
+
+# %%
+@torch.inference_mode()
+def d_outputs(ctx: Run, trained: Trained, n: int = 1000) -> dict:
+    """The trained D's output D(x) (the probability it gives 'real') on n random test digits and on n of G's
+    samples; a conditional D sees the test digits' labels and G is asked for the same labels. D is in
+    evaluation mode, as training left it: its batch norm uses its running averages."""
+    model, device, n = trained.model, ctx.device, min(n, len(ctx.test[0]))
+    idx = torch.randperm(len(ctx.test[0]), generator=torch.Generator().manual_seed(ctx.cfg.seed + 13))[:n]
+    x, y = to_signed(ctx.test[0][idx].to(device)), ctx.test[1][idx].to(device)
+    cond = one_hot(y) if model.conditional else None
+    with autocast(model.cfg, device):
+        fake = model.sample(n, torch.Generator(device).manual_seed(ctx.cfg.seed + 13), y)
+        return {k: torch.sigmoid(model.D(v, cond).float()).cpu().numpy() for k, v in (("real", x), ("fake", fake))}
+
+
+def plot_d_outputs(outputs: dict, real_target: float, model_title: str, path: Path):
+    """Histograms of D(x) on real digits and on G's samples, with D's best answer when G has matched the data
+    (real_target / 2: 0.5, or 0.45 with the cGAN's smoothed target 0.9)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    bins = np.linspace(0, 1, 41)
+    for kind, colour in (("real", "tab:blue"), ("fake", "tab:orange")):
+        ax.hist(outputs[kind], bins, alpha=0.6, color=colour,
+                label=f"D on {'test digits' if kind == 'real' else 'G samples'} (mean {outputs[kind].mean():.2f})")
+    ax.axvline(real_target / 2, color="grey", ls="--", label=f"equilibrium {real_target / 2:g}")
+    ax.set(xlabel="D(x): the probability D gives 'real'", ylabel="images",
+           title=f"{model_title}: the trained D's verdicts, image by image")
+    ax.title.set_fontsize(10)
+    ax.legend(fontsize=7)
+    show(fig, path)
+
+
+def d_pictures(ctx: Run, trained: Trained):
+    plot_d_outputs(d_outputs(ctx, trained), trained.model.real_target, trained.spec.title,
+                   ctx.out / f"{trained.name}_d_outputs.png")
+
+
+@shows("gan")
+def gan_verdicts(ctx, trained):
+    d_pictures(ctx, trained)
+
+
+# %% [markdown]
 # <a id="train-cgan"></a>
 # ### 7.4 Training the cGAN (defined in [section 4](#cgan))
 #
-# The same pictures as the GAN's, the 10×10 grid the assignment asks for (row $k$ asks for class $k$), and
-# the grid that separates its two inputs: the noise $z$ fixed along each row, the label $y$ changing
-# across.
+# The same pictures as the GAN's, with the 10×10 grid the assignment asks for (row $k$ asks for class $k$).
+
+# %%
+@stage
+def cgan_section(ctx):
+    """Train the cGAN (or resume / load it), export its samples, show its losses, the 10x10 grid and its epochs."""
+    train_section(ctx, "cgan")
+
+
+# %% [markdown]
+# **Its $D$'s verdicts, and its two inputs apart.** The verdicts as for the GAN, with the equilibrium at
+# 0.45: the real target of 0.9 moves it. Then the grid that separates the two inputs: the noise $z$ fixed
+# along each row, the label $y$ changing across. A row that keeps one slant and thickness through all ten
+# digits shows that $z$ carries the style and $y$ the digit.
 
 # %%
 @torch.inference_mode()
@@ -2859,32 +3022,32 @@ def plot_style_grid(images, rows: int, model_title: str, noise: str, path: Path,
     show(fig, path)
 
 
-@stage
-def cgan_section(ctx):
-    """Train the cGAN (or resume / load it), export its samples, show its losses, the 10x10 grid and its epochs,
-    then the grid that separates z (style) from y (digit)."""
-    trained = train_section(ctx, "cgan")
-    if trained:
-        grid = style_grid(trained.model, 6, torch.Generator(ctx.device).manual_seed(ctx.cfg.seed + 5))
-        plot_style_grid(grid, 6, trained.spec.title, "noise z", ctx.out / "cgan_style.png",
-                        DATASETS[ctx.cfg.dataset]["classes"])
+@shows("cgan")
+def cgan_inside(ctx, trained):
+    """The trained cGAN's D verdicts, and the grid that separates z (style) from y (digit)."""
+    d_pictures(ctx, trained)
+    grid = style_grid(trained.model, 6, torch.Generator(ctx.device).manual_seed(ctx.cfg.seed + 5))
+    plot_style_grid(grid, 6, trained.spec.title, "noise z", ctx.out / "cgan_style.png",
+                    DATASETS[ctx.cfg.dataset]["classes"])
 
 
 # %% [markdown]
 # <a id="train-ddpm"></a>
 # ### 7.5 Training the DDPM (defined in [section 5](#ddpm))
 #
-# Its weighted and plain losses, samples from both samplers, its samples after every epoch, and the three
-# pictures of section 5: the forward process on real test digits, the noise schedule with the loss weight,
-# and the reverse process of the export sampler ($x_t$ and the predicted $\hat x_0$). Last, its error per
-# timestep on 500 test digits it never saw (`ddpm_noise_error.png`): on the left the plain noise MSE and the
-# weighted loss, with the crossing $\mathrm{SNR}_t = \gamma$ below which the weight falls under 1; on the
-# right what the predicted $\hat x_0$ leaves on the background, whose pixels are exactly 0 in every real
-# digit. The sampler's last jumps read $\hat x_0$ at the smallest timesteps, so a spread of more than about
-# half a grey level there becomes the faint haze that section 9 counts. Since this network predicts $x_0$,
-# its noise MSE exceeds 1 at the smallest $t$: there the noise is a grey level or less, and an $\hat x_0$
-# that misses by two grey levels implies a noise estimate off by more than the noise itself. The right
-# panel is what reaches the sample.
+# Its weighted and plain losses, its samples, and its samples after every epoch.
+
+# %%
+@stage
+def ddpm_section(ctx):
+    """Train the DDPM (or resume / load it), export its samples, show its losses, samples and epochs."""
+    train_section(ctx, "ddpm")
+
+
+# %% [markdown]
+# **The two pictures of section 5.1**: the forward process on real test digits, and the noise schedule
+# with the loss weight. Watch the digit fade into noise, and where the weight $w_t$ falls below 1 (small
+# $t$, where the noise is faint).
 
 # %%
 FORWARD_TIMESTEPS = (0, 50, 100, 200, 400, 700, 1000)  # the maths' t (0: the clean digit), as fractions of T = 1000
@@ -2915,22 +3078,48 @@ def plot_forward_process(frames: torch.Tensor, ts, path: Path):
 
 
 def plot_schedule(sched: Schedule, gamma: float, path: Path):
-    """alpha-bar_t and SNR_t over the maths' t = 1..T (log scale), with the min-SNR loss weight w_t."""
+    """Three panels over the maths' t = 1..T: how much signal x_t keeps (alpha-bar_t, linear), the
+    signal-to-noise ratio SNR_t (log), and the min-SNR loss weight w_t (log), each on its own labelled axis."""
     t = np.arange(1, sched.T + 1)
     snr = sched.snr.double().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    ax.plot(t, sched.alpha_bar.cpu().numpy(), label=r"$\bar\alpha_t$ (signal kept, squared)")
-    ax.plot(t, snr, label=r"SNR$_t = \bar\alpha_t / (1 - \bar\alpha_t)$")
+    fig, axes = plt.subplots(1, 3 if gamma > 0 else 2, figsize=(11 if gamma > 0 else 7.5, 3.2))
+    axes[0].plot(t, sched.alpha_bar.cpu().numpy(), label=r"$\bar\alpha_t$")
+    axes[0].plot(t, 1 - sched.alpha_bar.cpu().numpy(), label=r"$1 - \bar\alpha_t$ (noise variance)")
+    axes[0].set(ylabel="share of the variance", title=r"signal kept: $\bar\alpha_t$")
+    axes[1].plot(t, snr, color="tab:purple")
+    axes[1].set(yscale="log", ylabel=r"SNR$_t = \bar\alpha_t / (1 - \bar\alpha_t)$", title="signal-to-noise ratio")
     if gamma > 0:
-        ax.plot(t, np.minimum(snr, gamma) / snr, label=rf"loss weight $w_t = \min(\mathrm{{SNR}}_t, {gamma:g}) / \mathrm{{SNR}}_t$")
-        ax.axhline(gamma, color="grey", ls=":", lw=1, label=rf"$\gamma = {gamma:g}$")
-    ax.set_yscale("log")
-    ax.set_xlabel("timestep t")
-    ax.set_title("the noise schedule", fontsize=10)
-    ax.legend(fontsize=7)
+        axes[1].axhline(gamma, color="grey", ls=":", lw=1, label=rf"$\gamma = {gamma:g}$")
+        axes[2].plot(t, np.minimum(snr, gamma) / snr, color="tab:green")
+        axes[2].set(yscale="log", ylabel=r"$w_t$ (weight on the noise MSE)",
+                    title=rf"loss weight $w_t = \min(\mathrm{{SNR}}_t, {gamma:g}) / \mathrm{{SNR}}_t$")
+    for ax in axes:
+        ax.set_xlabel("timestep t")
+        ax.title.set_fontsize(9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
     show(fig, path)
 
 
+@shows("ddpm")
+def ddpm_forward(ctx, trained):
+    """The forward process on eight test digits, and the schedule."""
+    model, cfg = trained.model, ctx.cfg
+    ts = [round(f * model.sched.T / 1000) for f in FORWARD_TIMESTEPS]
+    x0 = to_signed(ctx.test[0][:8])
+    plot_forward_process(forward_process(model.sched, x0, ts, torch.Generator().manual_seed(cfg.seed + 6)), ts,
+                         ctx.out / "ddpm_forward.png")
+    plot_schedule(model.sched, cfg.ddpm_min_snr, ctx.out / "ddpm_schedule.png")
+
+
+# %% [markdown]
+# **How it draws**: a few samples from the paper's ancestral sampler (all $T$ steps) beside the export's
+# DDIM samples above, from the same weights; then the reverse process of the export sampler, $x_t$ and the
+# predicted $\hat x_0$ left to right as $t$ falls. The digit's shape is settled in $\hat x_0$ long before
+# the noise in $x_t$ is gone.
+
+# %%
 def reverse_process(model, n: int, gen: torch.Generator, sampler: Sampler, points: int = 8) -> dict:
     """n samples drawn with the export sampler, keeping x_t and the predicted x_0 at `points` of its steps
     (evenly spaced, the last one included)."""
@@ -2959,6 +3148,27 @@ def plot_reverse_process(rev: dict, note: str, path: Path):
     show(fig, path)
 
 
+@shows("ddpm")
+def ddpm_sampling(ctx, trained):
+    """The ancestral sampler's preview, and the reverse process of the export sampler."""
+    ancestral_preview(ctx, trained)
+    if ctx.export_sampler.kind == "ddim":
+        rev = reverse_process(trained.model, 8, torch.Generator(ctx.device).manual_seed(ctx.cfg.seed + 7),
+                              ctx.export_sampler)
+        plot_reverse_process(rev, trained.model.sampler_note(ctx.export_sampler), ctx.out / "ddpm_reverse.png")
+
+
+# %% [markdown]
+# **Its error per timestep** on 500 test digits it never saw (`ddpm_noise_error.png`): on the left the plain
+# noise MSE and the weighted loss, with the crossing $\mathrm{SNR}_t = \gamma$ below which the weight falls
+# under 1; on the right what the predicted $\hat x_0$ leaves on the background, whose pixels are exactly 0
+# in every real digit. The sampler's last jumps read $\hat x_0$ at the smallest timesteps, so a spread of
+# more than about half a grey level there becomes the faint haze that section 9 counts. Since this network
+# predicts $x_0$, its noise MSE exceeds 1 at the smallest $t$: there the noise is a grey level or less, and
+# an $\hat x_0$ that misses by two grey levels implies a noise estimate off by more than the noise itself.
+# The right panel is what reaches the sample.
+
+# %%
 def error_timesteps(T: int, n: int = 24) -> list:
     """About n code timesteps from 0 to T-1, spaced evenly on a log scale (the nearly clean ones matter here)."""
     return sorted({int(round(t)) - 1 for t in np.geomspace(1, T, n)})
@@ -3021,34 +3231,17 @@ def plot_noise_error(rows: dict, crossing: int | None, path: Path):
     show(fig, path)
 
 
-def ddpm_pictures(ctx: Run, trained: Trained):
-    """How the DDPM works: the forward process on eight test digits, the schedule, the reverse process, and its
-    noise-prediction error per timestep on held-out test digits."""
-    model, cfg, out = trained.model, ctx.cfg, ctx.out
-    ts = [round(f * model.sched.T / 1000) for f in FORWARD_TIMESTEPS]
-    x0 = to_signed(ctx.test[0][:8])
-    plot_forward_process(forward_process(model.sched, x0, ts, torch.Generator().manual_seed(cfg.seed + 6)), ts,
-                         out / "ddpm_forward.png")
-    plot_schedule(model.sched, cfg.ddpm_min_snr, out / "ddpm_schedule.png")
+@shows("ddpm")
+def ddpm_error(ctx, trained):
+    """The DDPM's noise-prediction error per timestep on held-out test digits."""
+    model, cfg = trained.model, ctx.cfg
     with autocast(cfg, ctx.device):
         digits = reference_digits(ctx.test[0], 500, cfg.seed + 8).to(ctx.device)  # never trained on
         errors = noise_error_per_timestep(model.net, model.sched, to_signed(digits),
                                           error_timesteps(model.sched.T), torch.Generator(ctx.device).manual_seed(
                                               cfg.seed + 8), cfg.ddpm_min_snr)
     trained.extras["noise_error"] = errors
-    plot_noise_error(errors, snr_crossing(model.sched, cfg.ddpm_min_snr), out / "ddpm_noise_error.png")
-    if ctx.export_sampler.kind == "ddim":
-        rev = reverse_process(model, 8, torch.Generator(ctx.device).manual_seed(cfg.seed + 7), ctx.export_sampler)
-        plot_reverse_process(rev, model.sampler_note(ctx.export_sampler), out / "ddpm_reverse.png")
-
-
-@stage
-def ddpm_section(ctx):
-    """Train the DDPM (or resume / load it), export its samples, show its losses, samples and epochs, then the
-    forward process, the schedule and the reverse process."""
-    trained = train_section(ctx, "ddpm")
-    if trained:
-        ddpm_pictures(ctx, trained)
+    plot_noise_error(errors, snr_crossing(model.sched, cfg.ddpm_min_snr), ctx.out / "ddpm_noise_error.png")
 
 
 # %% [markdown]
@@ -3603,16 +3796,6 @@ def epoch_drift(ctx: Run, probes: list) -> dict | None:
             "real_gap": real_gap(ctx, n), "n": n}
 
 
-@torch.inference_mode()
-def latent_pca(ctx: Run, model, n: int = 5000) -> dict:
-    """The codes of n test digits on their first three principal components, and the share of the
-    codes' variance each component explains."""
-    mu, y = model.codes(ctx.test[0][:n]).cpu().double().numpy(), ctx.test[1][:n].numpy()
-    centred = mu - mu.mean(0)
-    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
-    return {"coords": centred @ vt[:3].T, "labels": y, "explained": (sing ** 2 / (sing ** 2).sum())[:3].tolist()}
-
-
 def prior_sampler_metrics(ctx: Run, model) -> dict:
     """A VAE's other sampler, z ~ N(0, I), measured beside the exported one (the mixture over its training codes):
     classifier-FID with its range, precision and recall, from as many samples and the same seed as the export."""
@@ -3638,15 +3821,17 @@ def measure_model(ctx: Run, trained: Trained) -> dict:
         "memory_parts": hist.memory_parts,
         "epoch_fid": epoch_fids(ctx, hist.probes), "epoch_drift": epoch_drift(ctx, hist.probes),
         "epoch_fid_note": f"{probe_n} samples" + (f", {model.sampler_note(probe_sampler(cfg))}" if model.uses_sampler else ""),
+        "epoch_fid_floor": {"n": probe_n, "fid": real_gap(ctx, probe_n)} if probe_n else None,  # at its size
         "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}, "epoch_loss": hist.epoch,
-        "probe_seconds": hist.paused, **trained.extras}
+        "probe_seconds": hist.probe_seconds, **trained.extras}
     entry.update(sample_metrics(ctx, model, trained.samples, trained.asked))
     entry["memorisation"] = memorisation(ctx, trained.samples, predict(ctx.evaluator, trained.samples).argmax(1).numpy(),
                                          ctx.results["real_test"]["memorisation"]["thresholds"])
     if hasattr(model, "codes"):
         if f"{name}_reconstructions" not in ctx.arrays:  # drawn by its section 7 cell, unless it trained elsewhere
             ctx.arrays[f"{name}_reconstructions"] = reconstructions(ctx, model)
-        ctx.arrays[f"{name}_latent"] = latent_pca(ctx, model)
+        if f"{name}_latent" not in ctx.arrays:
+            ctx.arrays[f"{name}_latent"] = latent_pca(ctx, model)
         entry["test_reconstruction_bce"] = ctx.arrays[f"{name}_reconstructions"]["bce"]
         entry["latent_pca_variance"] = ctx.arrays[f"{name}_latent"]["explained"]
     if getattr(model, "mixture", None) is not None:
@@ -3894,17 +4079,10 @@ def scores_section(ctx):
 # <a id="figures"></a>
 # ## 11. Figures
 #
-# The comparison of samples, every model's loss curves, the classifier-FID after every epoch, and the
-# same FIDs against the training seconds spent so far (**quality per second of compute**, the fair view
-# of models trained for different times: a curve further left reached its quality sooner), the clarity
-# measures with their 95% ranges, the **pixel values** of each model's samples against real digits' (a
-# histogram on a log scale: real backgrounds are exactly 0, so a haze shows as mass at the faint grey
-# levels 1-10, shaded), the closest pairs of the memorisation check, controllability per digit
-# with confusion matrices, the VAE's latent space in 3D, what the evaluator sees in each model's samples,
-# and the four scores as a 3D plot and a radar chart. These functions only draw: every number they show
-# comes from the results above.
+# The functions below (folded) only draw: every number they show comes from the results above. The
+# cells after them show the figures, a few at a time, each with what to look for.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title The comparison figures { display-mode: "form" }
 def plot_comparison(samples: dict, notes: dict, path: Path):
     fig, axes = plt.subplots(len(samples), 1, figsize=(10, 1.5 * len(samples) + 0.4))
@@ -3915,13 +4093,22 @@ def plot_comparison(samples: dict, notes: dict, path: Path):
     show(fig, path)
 
 
-def plot_epoch_fid(curves: dict, notes: dict, floor: float, path: Path):
+def draw_epoch_floors(ax, models: dict):
+    """The floor beside per-epoch curves: real against real digits at each curve's own sample size (the FID
+    of n samples is biased upwards as n shrinks, so the 10,000-sample floor would sit far below them)."""
+    floors = {m["epoch_fid_floor"]["n"]: m["epoch_fid_floor"]["fid"] for m in models.values() if m.get("epoch_fid_floor")}
+    for n, floor in sorted(floors.items()):
+        ax.axhline(floor, color="gray", ls="--", label=f"real vs real digits, {n} of each ({floor:.1f})")
+
+
+def plot_epoch_fid(models: dict, path: Path):
     """Classifier-FID after every epoch: a falling curve converges, a zig-zag oscillates."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for name, curve in curves.items():
+    for name, m in models.items():
+        curve = m["epoch_fid"]
         ax.plot(np.arange(1, len(curve) + 1), curve, "o-", color=MODELS[name].colour,
-                label=f"{title(name)} ({notes[name]})")
-    ax.axhline(floor, color="gray", ls="--", label=f"real: held-out train vs test ({floor:.1f})")
+                label=f"{title(name)} ({m['epoch_fid_note']})")
+    draw_epoch_floors(ax, models)
     ax.set_xlabel("epoch")
     ax.set_ylabel("classifier-FID (lower is better)")
     ax.set_yscale("log")
@@ -3940,7 +4127,7 @@ def epoch_seconds(entry: dict, hist: dict) -> tuple:
     return entry["train_seconds"] * np.arange(1, n + 1) / max(n, 1), False
 
 
-def plot_fid_per_second(models: dict, histories: dict, floor: float, path: Path):
+def plot_fid_per_second(models: dict, histories: dict, path: Path):
     """Quality per second of compute: each model's per-epoch classifier-FID against its cumulative training
     seconds, log-log; a model whose epochs were not timed one by one is drawn dashed."""
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
@@ -3949,8 +4136,8 @@ def plot_fid_per_second(models: dict, histories: dict, floor: float, path: Path)
             continue
         seconds, measured = epoch_seconds(entry, histories[name])
         ax.plot(seconds, entry["epoch_fid"], "o-" if measured else "o--", color=MODELS[name].colour,
-                label=title(name) + ("" if measured else " (epochs taken as equally long)"))
-    ax.axhline(floor, color="gray", ls="--", label=f"real: held-out train vs test ({floor:.1f})")
+                label=f"{title(name)} ({entry['epoch_fid_note']})" + ("" if measured else ", epochs taken as equally long"))
+    draw_epoch_floors(ax, models)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("training seconds so far (this machine)")
@@ -4064,26 +4251,34 @@ def plot_control(controls: dict, path: Path, classes=DATASETS["mnist"]["classes"
 
 
 def plot_scores_3d(scores: dict, path: Path):
-    """Clarity, stability and controllability on the axes; efficiency as marker size and colour."""
-    fig = plt.figure(figsize=(6.5, 5.5))
-    ax = fig.add_subplot(projection="3d")
+    """Clarity, stability and controllability on the axes, efficiency as marker size and colour; beside it
+    the same points seen from above (clarity against stability), where models of equal control (the
+    unconditional ones) no longer hide each other."""
+    fig = plt.figure(figsize=(11, 5))
+    ax = fig.add_subplot(1, 2, 1, projection="3d")
     ax.computed_zorder = False  # draw in zorder: the names above the markers, not hidden behind them
     eff = np.array([s["efficiency"] for s in scores.values()])
-    points = ax.scatter([s["clarity"] for s in scores.values()], [s["stability"] for s in scores.values()],
-                        [s["control"] for s in scores.values()], s=60 + 440 * eff, c=eff, cmap="viridis",
-                        vmin=0, vmax=1, depthshade=False, edgecolors="k")
-    for name, s in scores.items():  # a dotted stem down to the floor makes the height readable
-        ax.plot([s["clarity"]] * 2, [s["stability"]] * 2, [0, s["control"]], ":", color="gray", lw=0.8)
-        ax.text(s["clarity"] + 0.05, s["stability"], s["control"] + 0.07, title(name), fontsize=9, zorder=10,
-                bbox=dict(facecolor="white", alpha=0.85, edgecolor="none", pad=1))
+    xyz = {n: (s["clarity"], s["stability"], s["control"]) for n, s in scores.items()}
+    points = ax.scatter(*np.array(list(xyz.values())).T, s=60 + 440 * eff, c=eff, cmap="viridis", vmin=0, vmax=1,
+                        depthshade=False, edgecolors="k")
+    for rank, (name, (x, y, z)) in enumerate(sorted(xyz.items(), key=lambda kv: kv[1][0])):
+        ax.plot([x] * 2, [y] * 2, [0, z], ":", color="gray", lw=0.8)  # a dotted stem makes the height readable
+        ax.text(x + 0.05, y, z + (0.07 if rank % 2 else -0.12), title(name), fontsize=9, zorder=10,
+                bbox=dict(facecolor="white", alpha=0.85, edgecolor="none", pad=1))  # neighbours alternate up and down
     ax.scatter([1], [1], [1], marker="*", s=250, color="gold", edgecolors="k", depthshade=False)
     ax.text(1, 1, 1.08, "ideal", fontsize=9, zorder=10)
-    ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.set_zlim(0, 1)
-    ax.set_xlabel("clarity")
-    ax.set_ylabel("stability")
-    ax.set_zlabel("controllability")
-    fig.colorbar(points, ax=ax, shrink=0.6, pad=0.12, label="efficiency (also marker size)")
-    ax.set_title("The four axes (scores 0-1, ideal corner starred)")
+    ax.set(xlim=(0, 1), ylim=(0, 1), zlim=(0, 1), xlabel="clarity", ylabel="stability", zlabel="controllability")
+    ax.set_title("The four axes (scores 0-1, ideal corner starred)", fontsize=10)
+    top = fig.add_subplot(1, 2, 2)
+    top.scatter(*np.array([v[:2] for v in xyz.values()]).T, s=60 + 440 * eff, c=eff, cmap="viridis", vmin=0, vmax=1,
+                edgecolors="k")
+    for name, (x, y, z) in xyz.items():
+        top.annotate(f"{title(name)} (control {z:.2f})", (x, y), xytext=(8, 6), textcoords="offset points", fontsize=8)
+    top.scatter([1], [1], marker="*", s=250, color="gold", edgecolors="k")
+    top.set(xlim=(0, 1.05), ylim=(0, 1.05), xlabel="clarity", ylabel="stability", title="seen from above")
+    top.title.set_fontsize(10)
+    fig.colorbar(points, ax=top, shrink=0.8, label="efficiency (also marker size)")
+    fig.tight_layout()
     show(fig, path)
 
 
@@ -4103,6 +4298,8 @@ def plot_radar(scores: dict, path: Path):
     ax.tick_params(axis="y", labelsize=7)
     ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1), fontsize=8)
     ax.set_title("Scores per axis (1 = best)")
+    fig.text(0.5, 0.01, "control: a model that cannot be asked for a digit is redrawn until it appears, "
+             "about 10 draws, so it scores at most 0.1", ha="center", fontsize=7)
     show(fig, path)
 
 
@@ -4132,37 +4329,152 @@ def plot_latent_3d(pca: dict, model_title: str, path: Path):
     show(fig, path)
 
 
-def draw_figures(ctx: Run):
-    results, out, classes = ctx.results, ctx.out, DATASETS[ctx.cfg.dataset]["classes"]
-    measured = {n: ctx.models[n] for n in results["models"]}
-    models = results["models"]
-    plot_comparison({n: t.samples for n, t in measured.items()}, {n: m["sampler"] for n, m in models.items()},
-                    out / "comparison.png")
-    plot_losses({n: t.history.as_dict() for n, t in measured.items()}, out / "loss_curves.png")
-    plot_epoch_fid({n: m["epoch_fid"] for n, m in models.items()}, {n: m["epoch_fid_note"] for n, m in models.items()},
-                   results["real_test"]["fid_floor"], out / "epoch_fid.png")
-    plot_fid_per_second(models, {n: t.history.as_dict() for n, t in measured.items()},
-                        results["real_test"]["fid_floor"], out / "fid_per_second.png")
-    plot_clarity_ranges(models, results["real_test"], out / "clarity_ranges.png")
-    plot_pixel_values({n: t.samples for n, t in measured.items()}, held_out(ctx, ctx.cfg.n_samples),
-                      out / "pixel_values.png")
-    plot_memorisation(models,
-                      {n: t.samples for n, t in measured.items()}, ctx.train[0], out / "memorisation.png")
-    plot_control({n: m["control"] for n, m in models.items()}, out / "controllability.png", classes)
-    plot_scores_3d(results["scores"], out / "scores_3d.png")
-    plot_radar(results["scores"], out / "scores_radar.png")
-    for name in measured:
+def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
+    """The point a fraction w along the great circle from noise a to noise b. A Gaussian noise of d numbers
+    has a norm close to sqrt(d); the straight line between two passes through shorter noise than any the
+    model was given, the arc does not."""
+    cos = float((a * b).sum() / (a.norm() * b.norm()))
+    omega = math.acos(max(-1.0, min(1.0, cos)))
+    return (math.sin((1 - w) * omega) * a + math.sin(w * omega) * b) / math.sin(omega)
+
+
+def noise_path(model, steps: int, gen: torch.Generator, label: int | None = None) -> np.ndarray:
+    """`steps` images from noises on a path between two of the model's own noises (an arc between Gaussian
+    ones, a straight line between codes from the VAE's mixture). A diffusion model samples with DDIM, eta 0,
+    so that each image depends on its starting noise alone."""
+    a, b = model.noise(2, gen)
+    path = torch.stack([slerp(a, b, w) if model.gaussian_noise else (1 - w) * a + w * b
+                        for w in np.linspace(0, 1, steps)])
+    labels = None if label is None else torch.full((steps,), label, dtype=torch.long)
+    sampler = Sampler("ddim", model.cfg.ddim_steps, eta=0.0) if model.uses_sampler else None
+    return draw(model, steps, gen, sampler, labels, noise=path)
+
+
+def plot_noise_paths(paths: dict, notes: dict, path: Path):
+    """A row per model: the images along a path between two of its noises. A smooth row: nearby noises give
+    nearby digits; a jump: the model cuts its noise space into regions."""
+    fig, axes = plt.subplots(len(paths), 1, figsize=(10, 1.5 * len(paths) + 0.4))
+    for ax, (name, images) in zip(np.atleast_1d(axes), paths.items()):
+        image_grid(ax, images, 1, len(images), f"{title(name)}  ({notes[name]})")
+    fig.suptitle("From one noise to another", y=1.0)
+    show(fig, path)
+
+
+def measured_samples(ctx: Run) -> dict:
+    return {n: ctx.models[n].samples for n in ctx.results["models"]}
+
+
+def figures_of_clarity(ctx: Run):
+    models = ctx.results["models"]
+    plot_comparison(measured_samples(ctx), {n: m["sampler"] for n, m in models.items()}, ctx.out / "comparison.png")
+    plot_clarity_ranges(models, ctx.results["real_test"], ctx.out / "clarity_ranges.png")
+    plot_pixel_values(measured_samples(ctx), held_out(ctx, ctx.cfg.n_samples), ctx.out / "pixel_values.png")
+
+
+def figures_of_training(ctx: Run):
+    histories = {n: ctx.models[n].history.as_dict() for n in ctx.results["models"]}
+    plot_epoch_fid(ctx.results["models"], ctx.out / "epoch_fid.png")
+    plot_fid_per_second(ctx.results["models"], histories, ctx.out / "fid_per_second.png")
+    plot_losses(histories, ctx.out / "loss_curves.png")
+
+
+def figures_of_copies_and_control(ctx: Run):
+    models, classes = ctx.results["models"], DATASETS[ctx.cfg.dataset]["classes"]
+    plot_memorisation(models, measured_samples(ctx), ctx.train[0], ctx.out / "memorisation.png")
+    plot_control({n: m["control"] for n, m in models.items()}, ctx.out / "controllability.png", classes)
+    plot_annotated(measured_samples(ctx), {n: m["first_predictions"] for n, m in models.items()},
+                   ctx.out / "annotated_samples.png", classes)
+
+
+def figures_of_scores(ctx: Run):
+    plot_scores_3d(ctx.results["scores"], ctx.out / "scores_3d.png")
+    plot_radar(ctx.results["scores"], ctx.out / "scores_radar.png")
+    for name in ctx.results["models"]:
         if f"{name}_latent" in ctx.arrays:
-            plot_latent_3d(ctx.arrays[f"{name}_latent"], title(name), out / f"{name}_latent_3d.png")
-    plot_annotated({n: t.samples for n, t in measured.items()}, {n: m["first_predictions"] for n, m in models.items()},
-                   out / "annotated_samples.png", classes)
+            plot_latent_3d(ctx.arrays[f"{name}_latent"], title(name), ctx.out / f"{name}_latent_3d.png")
 
 
-@stage
+def figures_of_noise_paths(ctx: Run):
+    measured, classes = {n: ctx.models[n] for n in ctx.results["models"]}, DATASETS[ctx.cfg.dataset]["classes"]
+    gen, asked = torch.Generator(ctx.device).manual_seed(ctx.cfg.seed + 12), 7 % len(classes)
+    plot_noise_paths({n: noise_path(t.model, 10, gen, asked if t.spec.conditional else None) for n, t in measured.items()},
+                     {n: ("straight line between two codes" if not t.model.gaussian_noise else "arc between two noises")
+                      + (f", asking for {classes[asked]}" if t.spec.conditional else "")
+                      + (", DDIM eta 0" if t.model.uses_sampler else "") for n, t in measured.items()},
+                     ctx.out / "noise_paths.png")
+
+
+FIGURE_GROUPS = (figures_of_clarity, figures_of_training, figures_of_copies_and_control, figures_of_scores,
+                 figures_of_noise_paths)  # each shown by its own cell below; the appendix's comparison draws all
+
+
 def figures_section(ctx):
-    """Draw (and save) the comparison figures from the results."""
+    """Every comparison figure (the appendix's comparison draws them again with its models)."""
     if ctx.results["models"]:
-        draw_figures(ctx)
+        for group in FIGURE_GROUPS:
+            group(ctx)
+
+
+def figure_cell(group, ctx):
+    if ctx.results["models"]:
+        group(ctx)
+
+
+# %% [markdown]
+# **Clarity.** Ten samples of each model side by side; the clarity measures with their 95% ranges; and the
+# pixel values of each model's samples against real digits' on a log scale. Real backgrounds are exactly
+# 0, so a haze shows as mass at the faint grey levels 1-10 (shaded), which a grid of digits hides.
+
+# %%
+@stage
+def figures_clarity(ctx):
+    figure_cell(figures_of_clarity, ctx)
+
+
+# %% [markdown]
+# **How they learned.** The classifier-FID after every epoch, against the epoch and against the training
+# seconds spent so far (**quality per second of compute**, the fair view of models trained for different
+# times: a curve further left reached its quality sooner), each beside the floor at its own sample size
+# (a classifier-FID of 1,000 samples sits higher than one of 10,000 even for real digits), and every
+# model's loss curves.
+
+# %%
+@stage
+def figures_training(ctx):
+    figure_cell(figures_of_training, ctx)
+
+
+# %% [markdown]
+# **Copies and control.** The samples closest to a training digit of their class, above that digit (a
+# near copy looks the same twice); the share of attempts that yield each chosen digit, with the confusion
+# matrices of the models that can be asked; and what the evaluator reads in each model's first samples.
+
+# %%
+@stage
+def figures_copies_and_control(ctx):
+    figure_cell(figures_of_copies_and_control, ctx)
+
+
+# %% [markdown]
+# **The four scores** as a 3D plot (with the same points seen from above, where models of equal control
+# no longer hide each other) and a radar chart, and the VAE's latent space on three principal components.
+
+# %%
+@stage
+def figures_scores(ctx):
+    figure_cell(figures_of_scores, ctx)
+
+
+# %% [markdown]
+# **From one noise to another** (`noise_paths.png`): each model's images along a path between two of its
+# noises (an arc between two Gaussian noises, the DDPM with DDIM eta 0 so each image depends on its noise
+# alone). A smooth row: nearby noises give nearby digits. A row that passes through shapes that are no
+# digit: the model fills the space between its clusters with hybrids.
+
+# %%
+@stage
+def figures_noise_paths(ctx):
+    figure_cell(figures_of_noise_paths, ctx)
 
 
 # %% [markdown]
@@ -4173,7 +4485,7 @@ def figures_section(ctx):
 # `metrics.json` the table and the scores, and `REPORT.md` the written analysis, generated from these
 # numbers so that it cannot disagree with them.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title The results files and the written report { display-mode: "form" }
 def write_metrics(results: dict, table: pd.DataFrame, out: Path):
     """metrics.csv (the table) and metrics.json (the table, the formulas and the run's environment)."""
@@ -4536,6 +4848,9 @@ def report_figures(results: dict) -> list:
                     (f"{n}_epochs.png", f"{title(n)}: the same noise's samples after every epoch"),
                     (f"{n}_epochs.gif", f"{title(n)}: the same, animated (one frame per epoch)")]
     figures += [("vae_latent_walk.png", "VAE: a walk through its latent space along two principal directions"),
+                ("vae_latent_2d.png", "VAE: test digits' codes on two principal components, by digit"),
+                ("gan_d_outputs.png", "GAN: the trained D's output on test digits and on G's samples"),
+                ("cgan_d_outputs.png", "cGAN: the trained D's output on test digits and on G's samples"),
                 ("cgan_style.png", "cGAN: the noise z fixed along each row, the label y across"),
                 ("cddpm_style.png", "cDDPM: the starting noise x_T fixed along each row, the label y across"),
                 ("ddpm_forward.png", "DDPM: the forward process on test digits"),
@@ -4544,7 +4859,8 @@ def report_figures(results: dict) -> list:
                 ("ddpm_noise_error.png", "DDPM: its noise-prediction error per timestep, and what the predicted x_0 "
                                          "leaves on the background"),
                 ("vae_samplers.png", "VAE: codes from the prior, from training digits and from the fitted mixture")]
-    figures += [("comparison.png", "Ten samples from each model")]
+    figures += [("comparison.png", "Ten samples from each model"),
+                ("noise_paths.png", "From one noise to another: each model's images along a path between two noises")]
     figures += [(MODELS[n].figure(n), f"{title(n)}: " + ("each row asks for one class" if MODELS[n].conditional
                                                           else "ten random samples")) for n in results["models"]]
     figures += [("clarity_ranges.png", "Classifier-FID, the two-sample detector's accuracy, precision and recall, "
@@ -4575,10 +4891,8 @@ def timing_markdown(results: dict) -> list:
     cells = pd.DataFrame.from_dict({name: {"wall s": s} for name, s in results.get("stage_seconds", {}).items()
                                     if s >= 0.05}, orient="index")
     est = results.get("time_estimate")
-    estimate = ([f"Estimated before any model trained: {minutes(est['total'])} (" + ", ".join(
-        f"{title(n)} {minutes(s)}" for n, s in est["models"].items()) + f", evaluator {minutes(est['evaluator'])}, "
-        f"two-sample detectors {minutes(est['detectors'])}; not counted: {est['left_out']}); the whole run took "
-        f"{minutes(results['total_seconds'])}.", ""] if est else [])
+    estimate = ([f"Estimated before any model trained: {minutes(est['total'])} ({estimate_parts(est)}); the whole "
+                 f"run took {minutes(results['total_seconds'])}.", ""] if est else [])
     return ["## Where the time went", "", *estimate,
             f"Per model (training without the per-epoch samples; the export of {results['config']['n_samples']} "
             "samples; the measurements of Part B):", "", markdown_table(parts), "",
@@ -4686,6 +5000,39 @@ def report_section(ctx):
 
 
 # %% [markdown]
+# <a id="discussion"></a>
+# ### 12.1 Why each model behaves as it does
+#
+# Read against the `full` run (30 epochs each, the numbers above when this notebook shows that run). The
+# causes, not the numbers again:
+#
+# * **VAE: recognisable, and blurred.** Its decoder gives each pixel the *mean* of the digits that could
+#   have made its code, so strokes come out with soft grey edges: its sharpness is the lowest, and most of
+#   its faint pixels lie within two pixels of a stroke (`outputs/issue-30-tries/faint_where.txt`). The classifier's features hardly see blur (a
+#   blurred 3 is still a 3), so its FID is close to the DDPM's, while the detector, which sees every
+#   pixel, tells it from real digits most easily. Sampling from the prior instead of the fitted mixture
+#   costs it most of its FID (`vae_samplers.png`: prior codes land between the digit clusters of
+#   `vae_latent_2d.png`). The mixture sits where training codes are dense, so rare styles are drawn less
+#   often, which is its lower recall. Steering by a class's mean code misses when that mean lies between
+#   two clusters.
+# * **GAN: sharp strokes, and many hybrids.** One generator must map one Gaussian onto ten separate
+#   clusters with one continuous function, so the noise between two clusters comes out as a hybrid of two
+#   digits (`noise_paths.png`), which is its low precision. Its strokes are sharp, so the detector finds
+#   it harder to tell apart than the VAE. The tries of issue 30 (`outputs/issue-30-tries`) rule out the
+#   usual suspects: an average of G's weights, spectral normalisation, a wider D and the cGAN's smoothed
+#   target each left it where it was. What the cGAN has and it lacks is the label.
+# * **cGAN: the label splits one hard problem into ten easy ones.** Told which digit to draw, G maps the
+#   noise onto one cluster at a time, and its hybrids disappear: the best FID, at the price of asking for
+#   a label (which is also what makes it controllable). The trained D's verdicts sit around 0.45, not 0.5:
+#   its real target of 0.9 moves the equilibrium (`cgan_d_outputs.png`).
+# * **DDPM: the best detector score, at fifty network passes per image.** Each small denoising step is
+#   an easy regression, so no mode is left out (the highest recall) and its samples are the hardest to tell
+#   from real digits. The haze that once made it the easiest to spot came from a network that could not
+#   see the smallest noise; predicting $x_0$ removed most of it, and what remains is the predicted
+#   $x_0$'s own error on the background near $t = 0$ (`ddpm_noise_error.png`). Its cost is the sampler:
+#   every image is fifty passes of the U-Net where the others need one.
+
+# %% [markdown]
 # <a id="checklist"></a>
 # ## 13. Assignment checklist
 #
@@ -4761,7 +5108,7 @@ def checklist_section(ctx):
 # or more steps (it was trained on T = `ddpm_T` steps; the export takes `ddim_steps`), or morph the VAE
 # between two other digits.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title The one-call helpers { display-mode: "form" }
 def digits_from_cgan(ctx: Run, digit: int, n: int = 16, seed: int = 0) -> np.ndarray:
     """n samples of one digit from the trained cGAN."""
@@ -4881,6 +5228,7 @@ class WGANTrainer:
     Logged per batch: W (the critic's Wasserstein estimate), the critic loss, the penalty, and
     the latest generator loss."""
     losses, fmt, signed, uses_sampler = ("W", "critic", "GP", "G"), ".2f", True, False
+    gaussian_noise = True  # its noise is N(0, I): a path between two noises follows an arc (slerp)
 
     def __init__(self, name: str, cfg: Config, device):
         self.name, self.cfg, self.device = name, cfg, device
@@ -4928,8 +5276,11 @@ class WGANTrainer:
         return {"W": w_estimate.detach(), "critic": loss_c.detach(), "GP": penalty.detach(),
                 "G": torch.as_tensor(self.critic_steps.last, device=self.device)}
 
-    def sample(self, n, gen, labels=None, sampler=None, progress=False):
-        return self.G(torch.randn(n, self.cfg.gan_noise, generator=gen, device=self.device))
+    def noise(self, n, gen) -> torch.Tensor:
+        return torch.randn(n, self.cfg.gan_noise, generator=gen, device=self.device)
+
+    def sample(self, n, gen, labels=None, sampler=None, progress=False, noise=None):
+        return self.G(self.noise(n, gen) if noise is None else noise)
 
     def sampler_note(self, sampler) -> str:
         return "one generator pass"
@@ -5476,7 +5827,7 @@ def slower_design_section(ctx):
 # `DataLoader` with per-sample `ToTensor` does it, beside this notebook's (one uint8 tensor, batches
 # by indexing), and writes everything to `benchmark.json`.
 
-# %%
+# %% jupyter={"source_hidden": true}
 # @title The benchmark { display-mode: "form" }
 BENCH_REFERENCE = {  # the best-known public notebook's DDPM step, re-created at batch 128 on 2 CPU cores, and our targets
     "ddpm_step_seconds": 4.2, "ddpm_step_target_seconds": 0.3, "ddim50_1000_samples_target_seconds": 45.0}

@@ -206,7 +206,7 @@ FIGURES = ["vae_samples.png", "gan_samples.png", "cgan_grid.png", "ddpm_samples.
            "vae_epochs.png", "gan_epochs.png", "cgan_epochs.png", "ddpm_epochs.png", "vae_latent_walk.png",
            "cgan_style.png", "ddpm_forward.png", "ddpm_schedule.png", "ddpm_reverse.png", "fid_per_second.png",
            "play_cgan.png", "play_ddpm.png", "play_vae.png", "ddpm_noise_error.png", "vae_samplers.png",
-           "pixel_values.png"]
+           "pixel_values.png", "vae_latent_2d.png", "gan_d_outputs.png", "cgan_d_outputs.png", "noise_paths.png"]
 GIFS = [f"{name}_epochs.gif" for name in ("vae", "gan", "cgan", "ddpm")]
 AXES = ("clarity", "control", "stability", "efficiency")
 NETWORKS = {"vae": ["vae"], "gan": ["generator", "discriminator"], "cgan": ["generator", "discriminator"],

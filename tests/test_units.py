@@ -990,3 +990,27 @@ def test_a_checkpoint_compares_only_the_settings_its_model_trains_with(nb, tmp_p
     assert nb.load_checkpoint(tmp_path / "vae.pt", "vae", other, 1)["epoch"] == 1
     with pytest.raises(nb.SetupError, match="seed 42 -> 7"):
         nb.load_checkpoint(tmp_path / "vae.pt", "vae", dataclasses.replace(cfg, seed=7), 1)
+
+
+def test_a_path_between_two_noises_starts_and_ends_at_them(nb):
+    """slerp keeps the norm of equal-norm noises all along the arc, and ends exactly at each noise; noise_path
+    draws, for every kind of model, the images of the path's noises: its first and last are the images of
+    the two end noises drawn directly."""
+    a, b = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 3.0])
+    assert torch.allclose(nb.slerp(a, b, 0.0), a) and torch.allclose(nb.slerp(a, b, 1.0), b)
+    assert torch.allclose(nb.slerp(a, b, 0.3).norm(), torch.tensor(3.0))
+    for name in ("vae", "gan", "cgan", "ddpm"):
+        cfg = nb.make_config(["--profile", "smoke", "--ddim-steps", "4", "--ddpm-width", "8", "--gan-width", "8"],
+                             env={})
+        torch.manual_seed(0)
+        trainer = nb.build_trainer(name, cfg, torch.device("cpu"))
+        for module in trainer.modules:
+            module.eval()
+        label = 3 if nb.MODELS[name].conditional else None
+        path = nb.noise_path(trainer, 5, torch.Generator().manual_seed(1), label)
+        ends = trainer.noise(2, torch.Generator().manual_seed(1))
+        labels = None if label is None else torch.full((2,), label)
+        sampler = nb.Sampler("ddim", 4, eta=0.0) if trainer.uses_sampler else None
+        direct = nb.draw(trainer, 2, torch.Generator(), sampler, labels, noise=ends)
+        gap = np.abs(path[[0, -1]].astype(int) - direct.astype(int)).max()
+        assert path.shape == (5, 28, 28) and gap <= 1, (name, gap)  # equal but for rounding at the ends
