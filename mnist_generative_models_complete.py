@@ -3820,7 +3820,8 @@ def measure_model(ctx: Run, trained: Trained) -> dict:
         "peak_memory_mb": hist.peak_memory_mb, "peak_memory_kind": hist.memory_kind,
         "memory_parts": hist.memory_parts,
         "epoch_fid": epoch_fids(ctx, hist.probes), "epoch_drift": epoch_drift(ctx, hist.probes),
-        "epoch_fid_note": f"{probe_n} samples" + (f", {model.sampler_note(probe_sampler(cfg))}" if model.uses_sampler else ""),
+        "epoch_fid_note": f"{probe_n} samples" + (f", {model.sampler_note(probe_sampler(cfg))}" if model.uses_sampler else "")
+        + (", codes from the prior: the mixture is fitted after training" if getattr(model, "mixture", None) else ""),
         "epoch_fid_floor": {"n": probe_n, "fid": real_gap(ctx, probe_n)} if probe_n else None,  # at its size
         "final_epoch_loss": {k: v[-1] for k, v in hist.epoch.items()}, "epoch_loss": hist.epoch,
         "probe_seconds": hist.probe_seconds, **trained.extras}
@@ -4272,8 +4273,9 @@ def plot_scores_3d(scores: dict, path: Path):
     top = fig.add_subplot(1, 2, 2)
     top.scatter(*np.array([v[:2] for v in xyz.values()]).T, s=60 + 440 * eff, c=eff, cmap="viridis", vmin=0, vmax=1,
                 edgecolors="k")
-    for name, (x, y, z) in xyz.items():
-        top.annotate(f"{title(name)} (control {z:.2f})", (x, y), xytext=(8, 6), textcoords="offset points", fontsize=8)
+    for rank, (name, (x, y, z)) in enumerate(sorted(xyz.items(), key=lambda kv: -kv[1][1])):
+        top.annotate(f"{title(name)} (control {z:.2f})", (x, y), xytext=(10, 6 if rank % 2 == 0 else -14),
+                     textcoords="offset points", fontsize=8)  # neighbours alternate above and below
     top.scatter([1], [1], marker="*", s=250, color="gold", edgecolors="k")
     top.set(xlim=(0, 1.05), ylim=(0, 1.05), xlabel="clarity", ylabel="stability", title="seen from above")
     top.title.set_fontsize(10)
@@ -5013,12 +5015,15 @@ def report_section(ctx):
 #   pixel, tells it from real digits most easily. Sampling from the prior instead of the fitted mixture
 #   costs it most of its FID (`vae_samplers.png`: prior codes land between the digit clusters of
 #   `vae_latent_2d.png`). The mixture sits where training codes are dense, so rare styles are drawn less
-#   often, which is its lower recall. Steering by a class's mean code misses when that mean lies between
-#   two clusters.
+#   often, which is its lower recall, and a code drawn next to a training digit's decodes to something
+#   close to that digit's reconstruction: its samples come nearer to training digits than unseen test
+#   digits do (the memorisation check in Part B), which its prior's samples do not. Steering by a class's
+#   mean code misses when that mean lies between two clusters.
 # * **GAN: sharp strokes, and many hybrids.** One generator must map one Gaussian onto ten separate
 #   clusters with one continuous function, so the noise between two clusters comes out as a hybrid of two
-#   digits (`noise_paths.png`), which is its low precision. Its strokes are sharp, so the detector finds
-#   it harder to tell apart than the VAE. The tries of issue 30 (`outputs/issue-30-tries`) rule out the
+#   digits (`noise_paths.png`), which is its low precision. Its trained $D$ still scores most samples
+#   below most real digits (`gan_d_outputs.png`), where the cGAN's $D$ can no longer tell them apart. Its
+#   strokes are sharp, so the detector finds it harder to tell apart than the VAE. The tries of issue 30 (`outputs/issue-30-tries`) rule out the
 #   usual suspects: an average of G's weights, spectral normalisation, a wider D and the cGAN's smoothed
 #   target each left it where it was. What the cGAN has and it lacks is the label.
 # * **cGAN: the label splits one hard problem into ten easy ones.** Told which digit to draw, G maps the
