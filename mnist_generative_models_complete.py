@@ -4750,7 +4750,7 @@ def profile_comparison_markdown(results: dict) -> list:
             markdown_table(pd.DataFrame.from_dict(rows, orient="index")), ""]
 
 
-PLACES = {"data_root", "out", "drive", "resume", "pretrained", "compare_run", "progress", "epochs"}  # not causes
+PLACES = {"data_root", "out", "drive", "resume", "pretrained", "compare_run", "progress", "epochs", "models"}  # no cause
 ENVIRONMENT_CAUSES = ("device", "autocast", "cpu_amx", "threads", "torch")
 
 
@@ -4758,15 +4758,17 @@ def run_differences(results: dict, other: dict) -> str:
     """What differs between two runs and may explain a changed conclusion: the settings both runs know
     (a setting newer than the other run counts as what its code did before it), the settings the other run's
     code did not have, and the machine's precision and device."""
-    here, there = results["config"], {**BEFORE, **other["config"]}
+    here, there = (json.loads(json.dumps(r["config"])) for r in (results, other))  # both as JSON reads them
+    there = {**BEFORE, **there}
     changed = [f"{k} {there[k]} there, {here[k]} here" for k in here
                if k in there and k not in PLACES and here[k] != there[k]]
     new = [f"{k} {here[k]}" for k in here if k not in there and k not in PLACES]
     env = [f"{k} {other['environment'].get(k)} there, {results['environment'].get(k)} here"
            for k in ENVIRONMENT_CAUSES if other["environment"].get(k) != results["environment"].get(k)]
-    return " ".join([f"Settings that differ: {'; '.join(changed)}." if changed else "No shared setting differs.",
-                     f"Settings the other run's code did not have: {'; '.join(new)}." if new else "",
-                     f"The machine differs: {'; '.join(env)}." if env else "The same device and precision."]).strip()
+    return " ".join(filter(None, [
+        f"Settings that differ: {'; '.join(changed)}." if changed else "No shared setting differs.",
+        f"Settings the other run's code did not have: {'; '.join(new)}." if new else "",
+        f"The machine differs: {'; '.join(env)}." if env else "The same device and precision."]))
 
 
 def stability_text(results: dict) -> str:

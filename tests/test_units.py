@@ -798,13 +798,13 @@ def test_the_comparison_names_the_settings_and_machine_that_differ(nb):
     other run counts as its `before` value, so it differs only when it changed the behaviour), settings the
     other run's code did not have, and the device and precision."""
     here = {"config": {"profile": "cpu", "out": "a", "vae_lr": 1e-3, "ddpm_predict": "x0", "gan_ema": 0.0,
-                       "wgan_clip": 0.01},
+                       "wgan_clip": 0.01, "seeds": (1, 2)},  # a tuple here, a list in the other run's JSON
             "environment": {"device": "cpu", "autocast": "bfloat16", "torch": "2.4"}}
-    there = {"config": {"profile": "cpu", "out": "b", "vae_lr": 2e-3},
+    there = {"config": {"profile": "cpu", "out": "b", "vae_lr": 2e-3, "seeds": [1, 2]},
              "environment": {"device": "cpu", "autocast": "None", "torch": "2.4"}}
     said = nb.run_differences(here, there)
     assert "vae_lr 0.002 there, 0.001 here" in said and "ddpm_predict eps there, x0 here" in said
-    assert "gan_ema" not in said and "out " not in said  # the same behaviour as before it existed; a place
+    assert "gan_ema" not in said and "out " not in said and "seeds" not in said  # as before it existed; a place
     assert "did not have: wgan_clip 0.01" in said and "autocast None there, bfloat16 here" in said
     same = nb.run_differences(here, here)
     assert same.startswith("No shared setting differs.") and same.endswith("The same device and precision.")
