@@ -1846,6 +1846,9 @@ def start(ctx):
     else:
         print("models: " + ", ".join(f"{MODELS[m].title} {cfg.model_epochs(m)} epochs" for m in cfg.models)
               + f"; {cfg.n_samples} samples each; output folder {ctx.out}")
+    if cfg.pretrained:
+        print(f"pretrained: nothing is trained here; each model is loaded from its finished checkpoint in "
+              f"{ctx.out / 'checkpoints'}, and its losses, per-epoch samples and training times are that run's")
     ctx.train = tuple(t.to(ctx.device) for t in load_mnist(cfg.data_root, train=True, dataset=cfg.dataset))
     ctx.test = load_mnist(cfg.data_root, train=False, dataset=cfg.dataset)
     print(f"{DATASETS[cfg.dataset]['title']}: {len(ctx.train[0])} training and {len(ctx.test[0])} test images")

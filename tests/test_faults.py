@@ -130,6 +130,7 @@ def test_pretrained_run_loads_and_redoes_everything(nb, notebook_run, tmp_path, 
     data_root = notebook_run.results()["config"]["data_root"]
     _, said = in_process(nb, smoke_args(data_root, out, "--models", "vae,cgan", "--pretrained"), capsys)
     assert "vae: resumed" in said and "cgan: resumed" in said and "epoch 1/" not in said  # nothing trained
+    assert "pretrained: nothing is trained here" in said.split("MNIST:")[0]  # said before anything else runs
     for name in ("vae", "cgan"):
         assert np.array_equal(samples(notebook_run.out, name), samples(out, name)), name
     assert (out / "REPORT.md").is_file() and (out / "vae_reconstructions.png").is_file()
